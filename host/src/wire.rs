@@ -1,0 +1,117 @@
+//! Conversions between NATS messages and the WIT `message` record.
+//!
+//! Headers are where untrusted guest input meets the NATS client, which
+//! panics on an invalid header name or a value with a line break, so building
+//! a header map from guest data always goes through the checked
+//! [`headers_from_wit`].
+
+use std::str::FromStr;
+
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::bindings::{Message, WitError};
+
+/// Flattens a NATS header map into `(name, value)` pairs, one per value.
+pub(crate) fn headers_to_wit(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, values) in headers.iter() {
+        for value in values {
+            out.push((name.to_string(), value.as_str().to_owned()));
+        }
+    }
+    out
+}
+
+/// Builds a NATS header map from guest-supplied pairs, or `None` when there
+/// are none (so the message goes out as a plain `PUB`). A malformed name or
+/// value is an `invalid` error naming it.
+pub(crate) fn headers_from_wit(
+    pairs: Vec<(String, String)>,
+) -> Result<Option<HeaderMap>, WitError> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        // The client accepts an empty name, which would put a malformed
+        // header line on the wire; insist on a printable token here.
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        let header = HeaderName::from_str(&name)
+            .ok()
+            .filter(|_| valid_name)
+            .ok_or_else(|| {
+                WitError::Invalid(format!(
+                    "header name `{}` is not a valid NATS header name",
+                    name.escape_debug()
+                ))
+            })?;
+        if value.contains(['\r', '\n']) {
+            return Err(WitError::Invalid(format!(
+                "header `{name}` has a line break in its value"
+            )));
+        }
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| WitError::Invalid(format!("header `{name}` has an invalid value")))?;
+        map.append(header, value);
+    }
+    Ok(Some(map))
+}
+
+/// Turns a received NATS message into the WIT record handed to a guest.
+pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
+    Message {
+        headers: headers_to_wit(msg.headers.as_ref()),
+        subject: msg.subject.to_string(),
+        reply: msg.reply.map(|r| r.to_string()),
+        payload: msg.payload.into(),
+        jetstream: None,
+        kv: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_keeps_repeated_names() {
+        let pairs = vec![
+            ("A".into(), "1".into()),
+            ("A".into(), "2".into()),
+            ("B".into(), "x y".into()),
+        ];
+        let map = headers_from_wit(pairs).unwrap().unwrap();
+        let mut back = headers_to_wit(Some(&map));
+        back.sort();
+        assert_eq!(
+            back,
+            vec![
+                ("A".into(), "1".into()),
+                ("A".into(), "2".into()),
+                ("B".into(), "x y".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_headers_are_invalid_not_panics() {
+        for (name, value) in [
+            ("bad name", "v"),
+            ("", "v"),
+            ("ok", "line\r\nbreak"),
+            ("ok", "line\nbreak"),
+            ("a:b", "v"),
+        ] {
+            let got = headers_from_wit(vec![(name.into(), value.into())]);
+            assert!(
+                matches!(got, Err(WitError::Invalid(_))),
+                "{name:?}={value:?} gave {got:?}"
+            );
+        }
+        assert!(headers_from_wit(Vec::new()).unwrap().is_none());
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: set-up, formatting, lints (host and
+# guests, warnings are errors), guest build, then every test against real
+# nats-server processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tests/setup.sh
+
+echo "== fmt"
+cargo fmt --all -- --check
+(cd guests && cargo fmt --all -- --check)
+
+echo "== guests"
+(cd guests && cargo clippy --release --all-targets -- -D warnings && cargo build --release)
+
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== tests"
+cargo build --workspace --all-targets
+cargo test --workspace

@@ -1,0 +1,160 @@
+//! Support for natsfn's end-to-end tests: a real `nats-server` per test, the
+//! guest components built once from `guests/`, handler directories written
+//! on the fly, and the `natsfn` binary for tests that drive the CLI.
+//!
+//! Nothing here mocks NATS. Every test talks to a server process started on
+//! a free loopback port with JetStream and a temporary store, which is killed
+//! and removed when the test's [`natsfn::NatsServer`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+pub use natsfn::NatsServer;
+
+/// The workspace root (the folder with the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds every guest in `guests/` once per test process (cargo makes
+/// concurrent processes wait for each other) and returns the path of the
+/// component for crate `name`.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let guests = workspace_root().join("guests");
+        let status = cargo()
+            .current_dir(&guests)
+            .args(["build", "--release", "--quiet"])
+            .status()
+            .expect("run cargo to build the guests");
+        assert!(status.success(), "building guests/ failed");
+        guests.join("target/wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.is_file(), "no guest component at {}", path.display());
+    path
+}
+
+/// Starts a fresh server for one test.
+pub fn nats() -> NatsServer {
+    NatsServer::start().expect("start nats-server (is it installed? see README)")
+}
+
+/// A temporary handlers directory that tests fill with manifests.
+pub struct HandlerDir {
+    dir: tempfile::TempDir,
+}
+
+impl Default for HandlerDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HandlerDir {
+    /// An empty directory.
+    pub fn new() -> Self {
+        HandlerDir {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `<file>.toml` for a handler named `name` running guest
+    /// `guest`; `body` is the rest of the manifest (triggers, permissions...).
+    pub fn add(&self, file: &str, name: &str, guest_name: &str, body: &str) -> &Self {
+        let component = guest(guest_name);
+        let text = format!(
+            "name = \"{name}\"\ncomponent = \"{}\"\n{body}\n",
+            component.display()
+        );
+        self.write(&format!("{file}.toml"), &text);
+        self
+    }
+
+    /// Writes a raw file (for broken manifests).
+    pub fn write(&self, rel: &str, text: &str) -> &Self {
+        let path = self.dir.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create folder");
+        }
+        std::fs::write(path, text).expect("write file");
+        self
+    }
+}
+
+/// Builds and starts a host on `dir` against `server`.
+pub async fn start_host(server: &NatsServer, dir: &HandlerDir) -> natsfn::RunningHost {
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handlers_dir(dir.path())
+        .build()
+        .await
+        .expect("build host");
+    assert!(
+        host.load_errors().is_empty(),
+        "unexpected load errors: {:?}",
+        host.load_errors()
+    );
+    host.start().await.expect("start host")
+}
+
+/// A plain client for the test's side of the conversation.
+pub async fn client(server: &NatsServer) -> async_nats::Client {
+    async_nats::connect(server.url())
+        .await
+        .expect("connect test client")
+}
+
+/// Sends a request with a generous timeout and returns the reply.
+pub async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    payload: &str,
+) -> async_nats::Message {
+    let req = async_nats::Request::new()
+        .payload(payload.to_owned().into())
+        .timeout(Some(Duration::from_secs(10)));
+    client
+        .send_request(subject.to_owned(), req)
+        .await
+        .unwrap_or_else(|e| panic!("request to {subject}: {e}"))
+}
+
+/// The reply payload as text.
+pub fn text(msg: &async_nats::Message) -> String {
+    String::from_utf8_lossy(&msg.payload).into_owned()
+}
+
+/// Collects what arrives on `sub` until nothing has come for `quiet`.
+pub async fn collect_until_quiet(
+    sub: &mut async_nats::Subscriber,
+    quiet: Duration,
+) -> Vec<async_nats::Message> {
+    let mut got = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(quiet, sub.next()).await {
+        got.push(msg);
+    }
+    got
+}
+
+/// A header's first value, if present.
+pub fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    msg.headers.as_ref()?.get(name).map(|v| v.as_str())
+}

@@ -1,0 +1,221 @@
+//! Loading handlers: bad manifests and broken components are reported with
+//! the file and field at fault, and never keep good handlers from serving.
+//! Also the embedding API and its example.
+
+use std::time::Duration;
+
+use natsfn_e2e::*;
+
+/// A handlers directory with one good handler and one of every kind of
+/// broken one.
+fn mixed_dir() -> HandlerDir {
+    let dir = HandlerDir::new();
+    let echo = guest("echo");
+    dir.add("a-good", "good", "echo", "[[trigger]]\nsubject = \"good\"")
+        .add(
+            "b-unknown-field",
+            "unknown",
+            "echo",
+            "[[trigger]]\nsubject = \"u\"\ncolour = \"red\"",
+        )
+        .add(
+            "c-bad-subject",
+            "badsubject",
+            "echo",
+            "[[trigger]]\nsubject = \"orders..created\"",
+        )
+        .add(
+            "d-tail-not-last",
+            "tail",
+            "echo",
+            "[[trigger]]\nsubject = \"orders.>.x\"",
+        )
+        .add(
+            "e-space",
+            "space",
+            "echo",
+            "[[trigger]]\nsubject = \"orders created\"",
+        )
+        .add(
+            "f-duplicate",
+            "good",
+            "echo",
+            "[[trigger]]\nsubject = \"dup\"",
+        )
+        .write(
+            "g-missing-component.toml",
+            "name = \"missing\"\ncomponent = \"nowhere.wasm\"\n[[trigger]]\nsubject = \"m\"\n",
+        )
+        .write("h-not-wasm.wasm", "this is not wasm")
+        .write(
+            "h-not-wasm.toml",
+            "name = \"notwasm\"\ncomponent = \"h-not-wasm.wasm\"\n[[trigger]]\nsubject = \"n\"\n",
+        )
+        .write("i-not-toml.toml", "name = [unclosed\n");
+    // A valid component of the wrong world: the WASI adapter-free echo is
+    // fine, but a bare core module is not a component at all.
+    dir.write("j-core-module.wasm", "");
+    std::fs::write(dir.path().join("j-core-module.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    dir.write(
+        "j-core-module.toml",
+        "name = \"core\"\ncomponent = \"j-core-module.wasm\"\n[[trigger]]\nsubject = \"c\"\n",
+    );
+    assert!(echo.is_file());
+    dir
+}
+
+#[tokio::test]
+async fn broken_handlers_are_skipped_with_clear_errors_and_good_ones_serve() {
+    let server = nats();
+    let dir = mixed_dir();
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handlers_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+
+    let loaded: Vec<String> = host.handlers().iter().map(|h| h.name.to_string()).collect();
+    assert_eq!(loaded, vec!["good"]);
+
+    let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
+    let expect = [
+        ("b-unknown-field.toml", "unknown field `colour`"),
+        (
+            "c-bad-subject.toml",
+            "trigger[0].subject: `orders..created` has an empty token",
+        ),
+        (
+            "d-tail-not-last.toml",
+            "trigger[0].subject: `orders.>.x`: `>` may only be the last token",
+        ),
+        (
+            "e-space.toml",
+            "trigger[0].subject: `orders created` contains whitespace",
+        ),
+        (
+            "f-duplicate.toml",
+            "name: handler `good` of tenant `default` is already defined by",
+        ),
+        ("g-missing-component.toml", "component: "),
+        ("h-not-wasm.wasm", "not a valid WebAssembly component"),
+        ("i-not-toml.toml", "TOML parse error"),
+        ("j-core-module.wasm", "not a valid WebAssembly component"),
+    ];
+    assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    for (file, needle) in expect {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(file) && e.contains(needle)),
+            "no error naming {file} with `{needle}` in {errors:#?}"
+        );
+    }
+
+    let running = host.start().await.unwrap();
+    let client = client(&server).await;
+    assert_eq!(
+        text(&request(&client, "good", "still serving").await),
+        "still serving"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_component_of_the_wrong_world_is_named() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    // A valid component that exports nothing natsfn can call.
+    let empty_component = b"\0asm\x0d\0\x01\0";
+    std::fs::write(dir.path().join("empty.wasm"), empty_component).unwrap();
+    dir.write(
+        "empty.toml",
+        "name = \"empty\"\ncomponent = \"empty.wasm\"\n[[trigger]]\nsubject = \"x\"\n",
+    );
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handlers_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+    let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("empty.wasm")
+            && errors[0].contains("does not fit the natsfn:host/handler world"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn handlers_can_be_added_from_bytes() {
+    let server = nats();
+    let wasm = std::fs::read(guest("echo")).unwrap();
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handler(
+            "inline-echo",
+            "name = \"inline\"\n[[trigger]]\nsubject = \"inline\"\n",
+            wasm.clone(),
+        )
+        .handler(
+            "broken",
+            "name = \"broken\"\n[[trigger]]\nsubject = \"b..\"\n",
+            wasm,
+        )
+        .build()
+        .await
+        .unwrap();
+    let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
+    assert_eq!(errors, vec!["broken: trigger[0].subject: `b..` has an empty token (a leading, trailing or doubled `.`)"]);
+    let running = host.start().await.unwrap();
+    let client = client(&server).await;
+    assert_eq!(text(&request(&client, "inline", "bytes").await), "bytes");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_embed_example_runs_inside_its_own_runtime() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add(
+        "greeter",
+        "greeter",
+        "greeter",
+        "[[trigger]]\nsubject = \"embed.greet\"",
+    );
+    let wasm = std::fs::read(guest("echo")).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = server.url();
+    let dir_path = dir.path().to_owned();
+    let embedded = tokio::spawn(async move {
+        natsfn_embed_example::run(&url, &dir_path, wasm, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+
+    let client = client(&server).await;
+    // The host binds its triggers after start-up; retry until it answers.
+    let mut echoed = None;
+    for _ in 0..100 {
+        let req = async_nats::Request::new()
+            .payload("hi".into())
+            .timeout(Some(Duration::from_secs(2)));
+        match client.send_request("embed.echo", req).await {
+            Ok(m) => {
+                echoed = Some(text(&m));
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(echoed.as_deref(), Some("hi"));
+    assert_eq!(
+        text(&request(&client, "embed.greet", "embedder").await),
+        "Hello, embedder!"
+    );
+    stop_tx.send(()).unwrap();
+    let report = embedded.await.unwrap().unwrap();
+    assert!(report.clean);
+}
