@@ -35,12 +35,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct SendArgs {
     /// NATS server URL.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "NATSFN_NATS",
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    #[arg(long, value_name = "URL", env = "NATSFN_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
 
     /// Subject to send to.
@@ -59,13 +54,7 @@ struct SendArgs {
 struct HandlerDirs {
     /// A directory of handlers: `<name>.toml` manifests beside their `.wasm`,
     /// or folders holding a `natsfn.toml`. Repeat for several directories.
-    #[arg(
-        long = "handlers",
-        value_name = "DIR",
-        required = true,
-        env = "NATSFN_HANDLERS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "handlers", value_name = "DIR", required = true, env = "NATSFN_HANDLERS", value_delimiter = ',')]
     dirs: Vec<PathBuf>,
 }
 
@@ -80,13 +69,13 @@ struct RunArgs {
     nats: Option<String>,
 
     /// Seconds to wait for in-flight invocations on shutdown.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 10,
-        env = "NATSFN_SHUTDOWN_TIMEOUT"
-    )]
+    #[arg(long, value_name = "SECS", default_value_t = 10, env = "NATSFN_SHUTDOWN_TIMEOUT")]
     shutdown_timeout: u64,
+
+    /// Let JetStream triggers create a missing stream (file storage, subjects
+    /// from the trigger's `filter`).
+    #[arg(long, env = "NATSFN_CREATE_STREAMS")]
+    create_streams: bool,
 
     /// Instances alive at once across all handlers (the instance pool size).
     #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES, env = "NATSFN_MAX_INSTANCES")]
@@ -100,10 +89,7 @@ impl Cli {
     pub fn run_from_env() -> ExitCode {
         let cli = Cli::parse();
         crate::telemetry::init_logging("info");
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("natsfn: cannot start the async runtime: {e}");
@@ -145,6 +131,7 @@ async fn run(args: RunArgs) -> ExitCode {
         .nats_url(&url)
         .handlers_dir_all(args.handlers.dirs)
         .max_instances(args.max_instances)
+        .create_streams(args.create_streams)
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .build()
         .await;
@@ -162,6 +149,7 @@ async fn run(args: RunArgs) -> ExitCode {
         eprintln!("natsfn: no handler could be loaded, nothing to run");
         return ExitCode::from(2);
     }
+    let host_errors = host.load_errors().len();
     let running = match host.start().await {
         Ok(r) => r,
         Err(e) => {
@@ -169,6 +157,14 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for e in running.load_errors().iter().skip(host_errors) {
+        eprintln!("natsfn: not started: {e}");
+    }
+    if running.handlers().is_empty() {
+        eprintln!("natsfn: no handler could be started, nothing to run");
+        running.shutdown().await;
+        return ExitCode::from(2);
+    }
     for (h, _) in running.stats() {
         let triggers: Vec<String> = h.triggers.iter().map(ToString::to_string).collect();
         println!(
@@ -188,10 +184,7 @@ async fn run(args: RunArgs) -> ExitCode {
     if report.clean {
         ExitCode::SUCCESS
     } else {
-        eprintln!(
-            "natsfn: shutdown abandoned {} invocations at the deadline",
-            report.abandoned
-        );
+        eprintln!("natsfn: shutdown abandoned {} invocations at the deadline", report.abandoned);
         ExitCode::from(1)
     }
 }
@@ -200,12 +193,7 @@ async fn validate(dirs: HandlerDirs) -> ExitCode {
     match crate::host::validate(&dirs.dirs).await {
         Ok((ok, errors)) => {
             for h in &ok {
-                println!(
-                    "ok: {} (tenant {}) from {}",
-                    h.name,
-                    h.tenant,
-                    h.origin.display()
-                );
+                println!("ok: {} (tenant {}) from {}", h.name, h.tenant, h.origin.display());
             }
             for e in &errors {
                 println!("error: {e}");
@@ -233,9 +221,7 @@ async fn send(args: SendArgs, request: bool) -> ExitCode {
     };
     let payload = args.payload.into_bytes().into();
     let result = if request {
-        let req = async_nats::Request::new()
-            .payload(payload)
-            .timeout(Some(Duration::from_secs(args.timeout)));
+        let req = async_nats::Request::new().payload(payload).timeout(Some(Duration::from_secs(args.timeout)));
         client
             .send_request(args.subject.clone(), req)
             .await

@@ -17,8 +17,19 @@ use tokio::time::Instant;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{Compiled, Engine};
-use crate::manifest::Manifest;
-use crate::wire;
+use crate::hostcalls::{Decision, Invocation, JetStreamAck};
+use crate::manifest::{JetStreamTrigger, Manifest};
+use crate::{settle, wire};
+
+/// A message handed from a trigger to dispatch.
+pub(crate) enum Delivery {
+    /// A core NATS message: at most once, replied to if it asks.
+    Core(async_nats::Message),
+    /// A JetStream message, settled (ack/nak/term) by the trigger's policy.
+    /// Boxed: a JetStream message carries its context and is twice the
+    /// size of a core one.
+    JetStream(Box<async_nats::jetstream::Message>, Arc<JetStreamTrigger>),
+}
 
 /// A handler ready to run: its manifest, its compiled component, and the
 /// counters dispatch keeps for it.
@@ -33,15 +44,8 @@ pub struct LoadedHandler {
 
 impl LoadedHandler {
     pub(crate) fn new(manifest: Manifest, compiled: Compiled) -> Self {
-        let permits = Arc::new(tokio::sync::Semaphore::new(
-            manifest.limits.max_concurrency as usize,
-        ));
-        LoadedHandler {
-            manifest: Arc::new(manifest),
-            compiled,
-            permits,
-            stats: Stats::default(),
-        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
+        LoadedHandler { manifest: Arc::new(manifest), compiled, permits, stats: Stats::default() }
     }
 }
 
@@ -72,6 +76,10 @@ pub(crate) struct Stats {
     memory_limit: AtomicU64,
     in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
+    acked: AtomicU64,
+    naked: AtomicU64,
+    termed: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 /// A snapshot of a handler's counters.
@@ -93,6 +101,15 @@ pub struct HandlerStats {
     pub in_flight: u64,
     /// The most invocations that ever ran at once.
     pub peak_in_flight: u64,
+    /// JetStream messages the host acked after success (guest acks not
+    /// included).
+    pub acked: u64,
+    /// JetStream messages nak'ed for redelivery.
+    pub naked: u64,
+    /// JetStream messages terminated without a dead-letter subject.
+    pub termed: u64,
+    /// JetStream messages published to the dead-letter subject, then termed.
+    pub dead_lettered: u64,
 }
 
 impl Stats {
@@ -107,7 +124,27 @@ impl Stats {
             memory_limit: get(&self.memory_limit),
             in_flight: get(&self.in_flight),
             peak_in_flight: get(&self.peak_in_flight),
+            acked: get(&self.acked),
+            naked: get(&self.naked),
+            termed: get(&self.termed),
+            dead_lettered: get(&self.dead_lettered),
         }
+    }
+
+    pub(crate) fn acked(&self) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn naked(&self) {
+        self.naked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn termed(&self) {
+        self.termed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dead_lettered(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
 
     fn started(&self) {
@@ -129,21 +166,28 @@ impl Stats {
     }
 }
 
-/// Runs `handler` for `msg` on a fresh instance and applies the outcome.
-pub(crate) async fn invoke(
-    engine: &Engine,
-    nats: &async_nats::Client,
-    handler: &LoadedHandler,
-    msg: async_nats::Message,
-) {
+/// Runs `handler` for one delivery on a fresh instance and applies the
+/// outcome: a reply for core requests, ack/nak/term for JetStream.
+pub(crate) async fn invoke(engine: &Engine, nats: &async_nats::Client, handler: &LoadedHandler, delivery: Delivery) {
     handler.stats.started();
     let manifest = &handler.manifest;
-    let subject = msg.subject.clone();
-    let reply_to = msg.reply.clone();
-
     let deadline = Instant::now() + manifest.limits.timeout;
-    let mut store = engine.store(manifest.clone(), nats.clone(), deadline);
-    let wit_msg = wire::message_to_wit(msg);
+
+    let (wit_msg, reply_to, jetstream, trigger) = match delivery {
+        Delivery::Core(msg) => {
+            let reply_to = msg.reply.clone();
+            (wire::message_to_wit(msg), reply_to, None, None)
+        }
+        Delivery::JetStream(msg, trigger) => {
+            // The message's reply subject is its ack subject: not the
+            // guest's to publish to.
+            let wit_msg = wire::jetstream_to_wit(&msg);
+            (wit_msg, None, Some(JetStreamAck { msg: *msg, decision: Decision::Undecided }), Some(trigger))
+        }
+    };
+    let subject = wit_msg.subject.clone();
+    let calls = Invocation { manifest: manifest.clone(), nats: nats.clone(), deadline, jetstream };
+    let mut store = engine.store(calls);
 
     // The epoch callback stops guests that compute past the deadline; this
     // timeout stops those that wait past it (in a host call or a sleep).
@@ -163,10 +207,14 @@ pub(crate) async fn invoke(
             Outcome::Ok
         }
     };
+    let jetstream = store.data_mut().calls.jetstream.take();
     drop(store);
 
     if !matches!(outcome, Outcome::Ok) {
-        report(manifest, subject.as_str(), &outcome);
+        report(manifest, &subject, &outcome);
+    }
+    if let (Some(js), Some(trigger)) = (jetstream, trigger) {
+        settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats).await;
     }
     handler.stats.finished(&outcome);
 }
@@ -184,17 +232,9 @@ fn classify_trap(err: &wasmtime::Error, hit_memory_limit: bool) -> Outcome {
     Outcome::Trapped(format!("{err:#}"))
 }
 
-async fn send_reply(
-    nats: &async_nats::Client,
-    manifest: &Manifest,
-    to: &async_nats::Subject,
-    reply: Reply,
-) {
+async fn send_reply(nats: &async_nats::Client, manifest: &Manifest, to: &async_nats::Subject, reply: Reply) {
     let sent = match wire::headers_from_wit(reply.headers) {
-        Ok(Some(h)) => {
-            nats.publish_with_headers(to.clone(), h, reply.payload.into())
-                .await
-        }
+        Ok(Some(h)) => nats.publish_with_headers(to.clone(), h, reply.payload.into()).await,
         Ok(None) => nats.publish(to.clone(), reply.payload.into()).await,
         Err(e) => {
             tracing::warn!(handler = %manifest.name, tenant = %manifest.tenant, "reply not sent: {e:?}");
@@ -271,37 +311,26 @@ impl Dispatcher {
     pub(crate) async fn admit(&self, handler: &LoadedHandler) -> Admission {
         // The semaphores are never closed, so acquiring cannot fail.
         #[allow(clippy::expect_used)]
-        let handler_permit = handler
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("handler semaphore is never closed");
-        #[allow(clippy::expect_used)]
-        let instance = self
-            .instance_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("instance semaphore is never closed");
-        Admission {
-            _handler: handler_permit,
-            _instance: instance,
-        }
+        let handler_permit = handler.permits.clone().acquire_owned().await.expect("handler semaphore is never closed");
+        self.admit_reserved(handler_permit).await
     }
 
-    /// Runs `msg` through `handler` in its own task, holding `admission`
-    /// until it ends.
-    pub(crate) fn spawn(
-        &self,
-        handler: Arc<LoadedHandler>,
-        msg: async_nats::Message,
-        admission: Admission,
-    ) {
+    /// Like [`Self::admit`], for a trigger that reserved the handler's
+    /// permit itself (a JetStream pull asks for as many messages as it holds
+    /// permits).
+    pub(crate) async fn admit_reserved(&self, handler_permit: tokio::sync::OwnedSemaphorePermit) -> Admission {
+        #[allow(clippy::expect_used)]
+        let instance = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
+        Admission { _handler: handler_permit, _instance: instance }
+    }
+
+    /// Runs `delivery` through `handler` in its own task, holding
+    /// `admission` until it ends.
+    pub(crate) fn spawn(&self, handler: Arc<LoadedHandler>, delivery: Delivery, admission: Admission) {
         let this = self.clone();
         self.invocations.spawn(async move {
             tokio::select! {
-                () = invoke(&this.engine, &this.nats, &handler, msg) => {}
+                () = invoke(&this.engine, &this.nats, &handler, delivery) => {}
                 () = this.abandon.cancelled() => {
                     tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
                         "invocation abandoned: still running at the shutdown deadline");

@@ -47,14 +47,6 @@ pub enum HostError {
     /// The WebAssembly engine could not be set up.
     #[error(transparent)]
     Engine(EngineError),
-    /// A trigger could not be bound.
-    #[error("handler {handler}: {source}")]
-    Trigger {
-        /// The handler whose trigger failed.
-        handler: HandlerName,
-        /// What went wrong.
-        source: TriggerError,
-    },
 }
 
 /// A handler that was not loaded, and why. Its `Display` names the file.
@@ -70,6 +62,16 @@ pub enum LoadError {
         path: PathBuf,
         /// What the OS said.
         source: std::io::Error,
+    },
+    /// A trigger could not be bound when the host started.
+    #[error("{}: handler {handler}: {source}", path.display())]
+    Bind {
+        /// The handler's manifest.
+        path: PathBuf,
+        /// The handler.
+        handler: HandlerName,
+        /// What went wrong.
+        source: Box<TriggerError>,
     },
     /// The component does not compile or does not fit the handler world.
     #[error("{}: {source}", path.display())]
@@ -114,9 +116,19 @@ pub struct HostBuilder {
     inline: Vec<InlineHandler>,
     max_instances: u32,
     shutdown_timeout: Duration,
+    create_streams: bool,
 }
 
 impl HostBuilder {
+    /// Lets JetStream triggers create their stream (file storage, subjects
+    /// from the trigger's `filter`) when it does not exist. Off by default:
+    /// streams are usually an operator's decision, and a typo in a stream
+    /// name should be an error, not a new stream.
+    pub fn create_streams(mut self, allow: bool) -> Self {
+        self.create_streams = allow;
+        self
+    }
+
     /// Connects to NATS at `url` when built; the host owns that connection
     /// and drains it on shutdown.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
@@ -153,11 +165,7 @@ impl HostBuilder {
         manifest_toml: impl Into<String>,
         wasm: impl Into<Vec<u8>>,
     ) -> Self {
-        self.inline.push(InlineHandler {
-            manifest: manifest_toml.into(),
-            origin: label.into(),
-            wasm: wasm.into(),
-        });
+        self.inline.push(InlineHandler { manifest: manifest_toml.into(), origin: label.into(), wasm: wasm.into() });
         self
     }
 
@@ -203,6 +211,7 @@ impl HostBuilder {
             load_errors,
             max_instances: self.max_instances,
             shutdown_timeout: self.shutdown_timeout,
+            create_streams: self.create_streams,
         })
     }
 }
@@ -218,15 +227,8 @@ async fn load_all(
     type Candidate = Result<(Manifest, Option<Vec<u8>>), LoadError>;
     let mut candidates: Vec<Candidate> = Vec::new();
     for dir in dirs {
-        let found = manifest::discover(dir).map_err(|source| HostError::HandlersDir {
-            path: dir.clone(),
-            source,
-        })?;
-        candidates.extend(
-            found
-                .into_iter()
-                .map(|m| m.map(|m| (m, None)).map_err(LoadError::from)),
-        );
+        let found = manifest::discover(dir).map_err(|source| HostError::HandlersDir { path: dir.clone(), source })?;
+        candidates.extend(found.into_iter().map(|m| m.map(|m| (m, None)).map_err(LoadError::from)));
     }
     for h in inline {
         let parsed = Manifest::from_toml(&h.manifest, &h.origin).map(|mut m| {
@@ -274,9 +276,8 @@ async fn load(
     wasm: Option<Vec<u8>>,
     loaded: &[Arc<LoadedHandler>],
 ) -> Result<LoadedHandler, LoadError> {
-    if let Some(first) = loaded
-        .iter()
-        .find(|h| h.manifest.name == manifest.name && h.manifest.tenant == manifest.tenant)
+    if let Some(first) =
+        loaded.iter().find(|h| h.manifest.name == manifest.name && h.manifest.tenant == manifest.tenant)
     {
         return Err(LoadError::Manifest(ManifestError::Duplicate {
             path: manifest.origin.clone(),
@@ -285,27 +286,17 @@ async fn load(
             first: first.manifest.origin.clone(),
         }));
     }
-    let path = manifest
-        .component
-        .clone()
-        .unwrap_or_else(|| manifest.origin.clone());
+    let path = manifest.component.clone().unwrap_or_else(|| manifest.origin.clone());
     let wasm = match wasm {
         Some(w) => w,
-        None => tokio::fs::read(&path)
-            .await
-            .map_err(|source| LoadError::ReadComponent {
-                path: path.clone(),
-                source,
-            })?,
+        None => {
+            tokio::fs::read(&path).await.map_err(|source| LoadError::ReadComponent { path: path.clone(), source })?
+        }
     };
     let engine = engine.clone();
     let compiled = tokio::task::spawn_blocking(move || engine.compile(&wasm))
         .await
-        .unwrap_or_else(|join| {
-            Err(EngineError::Compile(wasmtime::Error::msg(format!(
-                "compiler task failed: {join}"
-            ))))
-        })
+        .unwrap_or_else(|join| Err(EngineError::Compile(wasmtime::Error::msg(format!("compiler task failed: {join}")))))
         .map_err(|source| LoadError::Component { path, source })?;
     Ok(LoadedHandler::new(manifest, compiled))
 }
@@ -334,6 +325,7 @@ pub struct Host {
     load_errors: Vec<LoadError>,
     max_instances: u32,
     shutdown_timeout: Duration,
+    create_streams: bool,
 }
 
 /// What the host knows about one loaded handler.
@@ -360,6 +352,7 @@ impl Host {
             inline: Vec::new(),
             max_instances: DEFAULT_MAX_INSTANCES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            create_streams: false,
         }
     }
 
@@ -389,41 +382,59 @@ impl Host {
             invocations: TaskTracker::new(),
             abandon: CancellationToken::new(),
         };
+        // A handler whose trigger cannot be bound (a missing stream, say)
+        // is unbound again and reported; the others serve regardless.
         let mut triggers = Vec::new();
-        for handler in &self.handlers {
+        let mut running = Vec::new();
+        let mut load_errors = self.load_errors;
+        for handler in self.handlers {
+            let handler_stop = shutdown.child_token();
+            let mut bound = Vec::new();
+            let mut failed = None;
             for trigger in &handler.manifest.triggers {
-                let bound = triggers::bind(
+                let result = triggers::bind(
                     trigger,
+                    self.create_streams,
                     handler.clone(),
                     dispatcher.clone(),
-                    shutdown.clone(),
+                    handler_stop.clone(),
                 )
                 .await;
-                match bound {
-                    Ok(task) => triggers.push(task),
+                match result {
+                    Ok(task) => bound.push(task),
                     Err(source) => {
-                        shutdown.cancel();
-                        dispatcher.abandon.cancel();
-                        return Err(HostError::Trigger {
-                            handler: handler.manifest.name.clone(),
-                            source,
-                        });
+                        failed = Some(source);
+                        break;
                     }
+                }
+            }
+            match failed {
+                None => {
+                    triggers.extend(bound);
+                    running.push(handler);
+                }
+                Some(source) => {
+                    handler_stop.cancel();
+                    futures::future::join_all(bound).await;
+                    let e = LoadError::Bind {
+                        path: handler.manifest.origin.clone(),
+                        handler: handler.manifest.name.clone(),
+                        source: Box::new(source),
+                    };
+                    tracing::error!("handler not started: {e}");
+                    load_errors.push(e);
                 }
             }
         }
         if let Err(e) = self.nats.flush().await {
             tracing::warn!("cannot flush subscriptions to the server: {e}");
         }
-        tracing::info!(
-            handlers = self.handlers.len(),
-            triggers = triggers.len(),
-            "natsfn ready"
-        );
+        tracing::info!(handlers = running.len(), triggers = triggers.len(), "natsfn ready");
         Ok(RunningHost {
             nats: self.nats,
             owns_connection: self.owns_connection,
-            handlers: self.handlers,
+            handlers: running,
+            load_errors,
             dispatcher,
             shutdown,
             triggers,
@@ -432,10 +443,7 @@ impl Host {
     }
 
     /// Starts, runs until `shutdown` resolves, then shuts down gracefully.
-    pub async fn run(
-        self,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<ShutdownReport, HostError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ShutdownReport, HostError> {
         let running = self.start().await?;
         shutdown.await;
         Ok(running.shutdown().await)
@@ -457,6 +465,7 @@ pub struct RunningHost {
     nats: async_nats::Client,
     owns_connection: bool,
     handlers: Vec<Arc<LoadedHandler>>,
+    load_errors: Vec<LoadError>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
     triggers: Vec<tokio::task::JoinHandle<()>>,
@@ -473,20 +482,25 @@ pub struct ShutdownReport {
 }
 
 impl RunningHost {
+    /// Handlers that are not running: those that failed to load, and those
+    /// whose triggers could not be bound.
+    pub fn load_errors(&self) -> &[LoadError] {
+        &self.load_errors
+    }
+
+    /// The handlers that are serving.
+    pub fn handlers(&self) -> Vec<HandlerInfo> {
+        self.handlers.iter().map(|h| info(h)).collect()
+    }
+
     /// Counters of every handler, by name and tenant.
     pub fn stats(&self) -> Vec<(HandlerInfo, HandlerStats)> {
-        self.handlers
-            .iter()
-            .map(|h| (info(h), h.stats.snapshot()))
-            .collect()
+        self.handlers.iter().map(|h| (info(h), h.stats.snapshot())).collect()
     }
 
     /// Counters of the handler named `name` (in any tenant).
     pub fn handler_stats(&self, name: &str) -> Option<HandlerStats> {
-        self.handlers
-            .iter()
-            .find(|h| h.manifest.name.as_str() == name)
-            .map(|h| h.stats.snapshot())
+        self.handlers.iter().find(|h| h.manifest.name.as_str() == name).map(|h| h.stats.snapshot())
     }
 
     /// Stops taking messages, lets in-flight invocations finish until the
@@ -505,24 +519,23 @@ impl RunningHost {
         .is_ok();
         let abandoned = self.dispatcher.invocations.len();
         if !clean {
-            tracing::warn!(
-                abandoned,
-                "shutdown deadline reached; abandoning running invocations"
-            );
+            tracing::warn!(abandoned, "shutdown deadline reached; abandoning running invocations");
             self.dispatcher.abandon.cancel();
             self.dispatcher.invocations.close();
             self.dispatcher.invocations.wait().await;
         }
         // Replies and publishes of the last invocations are still in the
         // client's buffer: push them out before letting go.
-        let flushed = if self.owns_connection {
-            self.nats.drain().await.map_err(|e| e.to_string())
-        } else {
-            self.nats.flush().await.map_err(|e| e.to_string())
-        };
-        if let Err(e) = flushed {
+        // Client::drain closes without waiting for buffered publishes, so
+        // flush first: the PONG proves the server has every reply and ack.
+        if let Err(e) = self.nats.flush().await {
             tracing::warn!("cannot flush the NATS connection on shutdown: {e}");
             clean = false;
+        }
+        if self.owns_connection {
+            if let Err(e) = self.nats.drain().await {
+                tracing::warn!("cannot drain the NATS connection on shutdown: {e}");
+            }
         }
         tracing::info!(abandoned, clean, "natsfn stopped");
         ShutdownReport { abandoned, clean }

@@ -38,6 +38,7 @@ pub mod limits;
 pub mod local_server;
 pub mod manifest;
 pub mod permissions;
+mod settle;
 pub mod subject;
 pub mod telemetry;
 mod triggers;

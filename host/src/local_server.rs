@@ -93,10 +93,8 @@ impl NatsServerBuilder {
         let (temp, store_dir) = match self.store_dir {
             Some(dir) => (None, dir),
             None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("natsfn-nats-")
-                    .tempdir()
-                    .map_err(LocalServerError::Store)?;
+                let temp =
+                    tempfile::Builder::new().prefix("natsfn-nats-").tempdir().map_err(LocalServerError::Store)?;
                 let dir = temp.path().to_owned();
                 (Some(temp), dir)
             }
@@ -111,22 +109,14 @@ impl NatsServerBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| LocalServerError::Spawn {
-            binary: binary.clone(),
-            source,
-        })?;
+        let mut child = cmd.spawn().map_err(|source| LocalServerError::Spawn { binary: binary.clone(), source })?;
 
         let port = match child.stderr.take() {
             Some(stderr) => wait_for_port(stderr),
             None => Err(String::from("no stderr")),
         };
         match port {
-            Ok(port) => Ok(NatsServer {
-                child,
-                port,
-                store_dir,
-                _temp: temp,
-            }),
+            Ok(port) => Ok(NatsServer { child, port, store_dir, _temp: temp }),
             Err(log) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -190,17 +180,13 @@ fn find_binary() -> Result<PathBuf, LocalServerError> {
         if path.is_file() {
             return Ok(path);
         }
-        return Err(LocalServerError::NotFound {
-            searched: format!("{NATS_SERVER_BIN}={}", path.display()),
-        });
+        return Err(LocalServerError::NotFound { searched: format!("{NATS_SERVER_BIN}={}", path.display()) });
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_var)
         .map(|dir| dir.join("nats-server"))
         .find(|p| p.is_file())
-        .ok_or_else(|| LocalServerError::NotFound {
-            searched: "not on PATH".into(),
-        })
+        .ok_or_else(|| LocalServerError::NotFound { searched: "not on PATH".into() })
 }
 
 /// Reads the server log until it says which port it listens on, then keeps
@@ -231,6 +217,5 @@ fn wait_for_port(stderr: std::process::ChildStderr) -> Result<u16, String> {
             let _ = tx.send(Err(seen.join("\n")));
         }
     });
-    rx.recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| Err("no answer within 20 s".into()))
+    rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| Err("no answer within 20 s".into()))
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::limits::{self, Limits};
 use crate::permissions::Permissions;
-use crate::subject::SubjectPattern;
+use crate::subject::{Subject, SubjectPattern};
 
 /// A manifest that cannot be used, with the file and field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +134,14 @@ name_type!(
     /// A NATS queue group: members share the messages of a subscription.
     QueueGroup
 );
+name_type!(
+    /// A JetStream stream name.
+    StreamName
+);
+name_type!(
+    /// A durable JetStream consumer name.
+    ConsumerName
+);
 
 impl Default for TenantId {
     fn default() -> Self {
@@ -151,21 +159,80 @@ pub enum Trigger {
         /// Queue group, to spread messages over several subscribers.
         queue: Option<QueueGroup>,
     },
+    /// A durable JetStream pull consumer.
+    JetStream(JetStreamTrigger),
 }
 
 impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Trigger::Subject {
-                subject,
-                queue: None,
-            } => write!(f, "subject {subject}"),
-            Trigger::Subject {
-                subject,
-                queue: Some(q),
-            } => write!(f, "subject {subject} (queue {q})"),
+            Trigger::Subject { subject, queue: None } => write!(f, "subject {subject}"),
+            Trigger::Subject { subject, queue: Some(q) } => write!(f, "subject {subject} (queue {q})"),
+            Trigger::JetStream(js) => write!(f, "jetstream {}/{}", js.stream, js.durable),
         }
     }
+}
+
+/// Where a new durable consumer starts in its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverFrom {
+    /// The first message in the stream.
+    All,
+    /// Only messages stored after the consumer is created.
+    New,
+    /// The message with this stream sequence.
+    Sequence(u64),
+    /// The first message stored at or after this time (RFC 3339).
+    Time(String),
+}
+
+/// What the host does with a message whose handler failed (`fail`, trap,
+/// timeout, memory limit), before `max_deliver` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Give up on it at once: dead-letter, then term.
+    Term,
+    /// Let it be delivered again (dead-lettered at `max_deliver`).
+    Nak,
+}
+
+/// A `[[trigger]] jetstream = {...}` binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamTrigger {
+    /// The stream to consume.
+    pub stream: StreamName,
+    /// The durable consumer, created or updated to match this trigger.
+    pub durable: ConsumerName,
+    /// Subjects within the stream; empty means all of it.
+    pub filters: Vec<SubjectPattern>,
+    /// Where a new consumer starts.
+    pub deliver: DeliverFrom,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Deliveries before the host gives up on a message.
+    pub max_deliver: u32,
+    /// Redelivery delays after ack-wait timeouts, one per attempt.
+    pub backoff: Vec<Duration>,
+    /// Most messages asked for in one pull (never more than free slots).
+    pub batch: u32,
+    /// Most unacknowledged messages the server hands this consumer.
+    pub max_ack_pending: u32,
+    /// Where given-up messages are published, with headers saying why.
+    pub dead_letter: Option<Subject>,
+    /// What a failed handler means for the message.
+    pub on_error: OnError,
+}
+
+/// Defaults of a JetStream trigger, documented in the README.
+pub mod jetstream_defaults {
+    use std::time::Duration;
+
+    /// Server-side wait for an ack before redelivery.
+    pub const ACK_WAIT: Duration = Duration::from_secs(30);
+    /// Deliveries before a message is dead-lettered.
+    pub const MAX_DELIVER: u32 = 5;
+    /// Unacknowledged messages the server allows the consumer.
+    pub const MAX_ACK_PENDING: u32 = 1000;
 }
 
 /// A validated handler manifest.
@@ -210,8 +277,49 @@ struct RawManifest {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTrigger {
-    subject: String,
+    subject: Option<String>,
     queue: Option<String>,
+    jetstream: Option<RawJetStream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJetStream {
+    stream: String,
+    durable: String,
+    #[serde(default)]
+    filter: OneOrMany,
+    deliver: Option<String>,
+    start_sequence: Option<u64>,
+    start_time: Option<String>,
+    ack_wait_ms: Option<u64>,
+    max_deliver: Option<u32>,
+    #[serde(default)]
+    backoff_ms: Vec<u64>,
+    batch: Option<u32>,
+    max_ack_pending: Option<u32>,
+    dead_letter: Option<String>,
+    on_error: Option<String>,
+}
+
+/// A field that takes one string or a list of them.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -234,10 +342,8 @@ struct RawPermissions {
 impl Manifest {
     /// Reads and validates the manifest file at `path`.
     pub fn from_file(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
         let manifest = Manifest::from_toml(&text, path)?;
         if let Some(component) = &manifest.component {
             if !component.is_file() {
@@ -275,45 +381,53 @@ impl Manifest {
             None => TenantId::default(),
         };
         let component = match raw.component {
-            Some(c) if c.is_empty() => {
-                return Err(field_err("component", "must not be empty".into()))
-            }
+            Some(c) if c.is_empty() => return Err(field_err("component", "must not be empty".into())),
             Some(c) => Some(origin.parent().unwrap_or(Path::new(".")).join(c)),
             None => None,
         };
 
         if raw.triggers.is_empty() {
-            return Err(field_err(
-                "trigger",
-                "no [[trigger]] table: a handler needs at least one".into(),
-            ));
+            return Err(field_err("trigger", "no [[trigger]] table: a handler needs at least one".into()));
         }
-        let mut triggers = Vec::with_capacity(raw.triggers.len());
-        for (i, t) in raw.triggers.into_iter().enumerate() {
-            let subject = t
-                .subject
-                .parse()
-                .map_err(|e| field_err(&format!("trigger[{i}].subject"), format!("{e}")))?;
-            let queue = t
-                .queue
-                .map(|q| q.parse())
-                .transpose()
-                .map_err(|p| field_err(&format!("trigger[{i}].queue"), p))?;
-            triggers.push(Trigger::Subject { subject, queue });
-        }
-
         let limits = resolve_limits(&raw.limits).map_err(|(field, p)| field_err(field, p))?;
 
-        let patterns =
-            |list: Vec<String>, field: &str| -> Result<Vec<SubjectPattern>, ManifestError> {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        s.parse()
-                            .map_err(|e| field_err(&format!("{field}[{i}]"), format!("{e}")))
-                    })
-                    .collect()
+        let mut triggers = Vec::with_capacity(raw.triggers.len());
+        for (i, t) in raw.triggers.into_iter().enumerate() {
+            let at = |field: &str| format!("trigger[{i}]{field}");
+            let trigger = match (t.subject, t.jetstream) {
+                (Some(subject), None) => {
+                    let subject = subject.parse().map_err(|e| field_err(&at(".subject"), format!("{e}")))?;
+                    let queue = t.queue.map(|q| q.parse()).transpose().map_err(|p| field_err(&at(".queue"), p))?;
+                    Trigger::Subject { subject, queue }
+                }
+                (None, Some(js)) => {
+                    if t.queue.is_some() {
+                        return Err(field_err(
+                            &at(".queue"),
+                            "applies to subject triggers; JetStream consumers share work through `durable`".into(),
+                        ));
+                    }
+                    let js = resolve_jetstream(js, &limits)
+                        .map_err(|(field, p)| field_err(&at(&format!(".jetstream.{field}")), p))?;
+                    Trigger::JetStream(js)
+                }
+                (Some(_), Some(_)) => {
+                    return Err(field_err(
+                        &at(""),
+                        "has both `subject` and `jetstream`; use one per [[trigger]]".into(),
+                    ))
+                }
+                (None, None) => return Err(field_err(&at(""), "needs `subject` or `jetstream`".into())),
             };
+            triggers.push(trigger);
+        }
+
+        let patterns = |list: Vec<String>, field: &str| -> Result<Vec<SubjectPattern>, ManifestError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| s.parse().map_err(|e| field_err(&format!("{field}[{i}]"), format!("{e}"))))
+                .collect()
+        };
         let permissions = Permissions {
             publish: patterns(raw.permissions.publish, "permissions.publish")?,
             request: patterns(raw.permissions.request, "permissions.request")?,
@@ -329,26 +443,14 @@ impl Manifest {
                 other => {
                     return Err(field_err(
                         &format!("config.{key}"),
-                        format!(
-                            "must be a string, number or boolean, not {}",
-                            other.type_str()
-                        ),
+                        format!("must be a string, number or boolean, not {}", other.type_str()),
                     ))
                 }
             };
             config.insert(key, text);
         }
 
-        Ok(Manifest {
-            origin: origin.to_owned(),
-            name,
-            tenant,
-            component,
-            triggers,
-            limits,
-            permissions,
-            config,
-        })
+        Ok(Manifest { origin: origin.to_owned(), name, tenant, component, triggers, limits, permissions, config })
     }
 }
 
@@ -357,10 +459,7 @@ fn resolve_limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
     let mut limits = Limits::default();
     if let Some(mb) = raw.memory_mb {
         if mb == 0 || mb > limits::MAX_MEMORY_MB {
-            return Err((
-                "limits.memory_mb",
-                format!("{mb} is outside 1..={}", limits::MAX_MEMORY_MB),
-            ));
+            return Err(("limits.memory_mb", format!("{mb} is outside 1..={}", limits::MAX_MEMORY_MB)));
         }
         limits.memory_bytes = mb as usize * 1024 * 1024;
     }
@@ -377,6 +476,78 @@ fn resolve_limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
         limits.max_concurrency = n;
     }
     Ok(limits)
+}
+
+/// Checks a `jetstream = {...}` table; an error names the field within it.
+fn resolve_jetstream(raw: RawJetStream, limits: &Limits) -> Result<JetStreamTrigger, (String, String)> {
+    use jetstream_defaults as d;
+    let stream = raw.stream.parse().map_err(|p| ("stream".to_owned(), p))?;
+    let durable = raw.durable.parse().map_err(|p| ("durable".to_owned(), p))?;
+    let filters = raw
+        .filter
+        .into_vec()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.parse().map_err(|e| (format!("filter[{i}]"), format!("{e}"))))
+        .collect::<Result<Vec<SubjectPattern>, _>>()?;
+    let deliver = match (raw.deliver.as_deref().unwrap_or("all"), raw.start_sequence, raw.start_time) {
+        ("all", None, None) => DeliverFrom::All,
+        ("new", None, None) => DeliverFrom::New,
+        ("by-start-sequence", Some(seq), None) => DeliverFrom::Sequence(seq),
+        ("by-start-time", None, Some(time)) => {
+            async_nats::datetime::parse_rfc3339(&time)
+                .map_err(|e| ("start_time".to_owned(), format!("`{time}` is not an RFC 3339 time: {e}")))?;
+            DeliverFrom::Time(time)
+        }
+        ("by-start-sequence", None, _) => {
+            return Err(("start_sequence".into(), "is required with deliver = \"by-start-sequence\"".into()))
+        }
+        ("by-start-time", _, None) => {
+            return Err(("start_time".into(), "is required with deliver = \"by-start-time\"".into()))
+        }
+        ("all" | "new" | "by-start-sequence" | "by-start-time", _, _) => {
+            return Err((
+                "deliver".into(),
+                "start_sequence goes with \"by-start-sequence\" and start_time with \"by-start-time\" only".into(),
+            ))
+        }
+        (other, _, _) => {
+            return Err((
+                "deliver".into(),
+                format!("`{other}` is not one of all, new, by-start-sequence, by-start-time"),
+            ))
+        }
+    };
+    let positive = |v: Option<u32>, field: &str, default: u32| match v {
+        Some(0) => Err((field.to_owned(), "must be at least 1".to_owned())),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let ack_wait = match raw.ack_wait_ms {
+        Some(0) => return Err(("ack_wait_ms".into(), "must be at least 1".into())),
+        Some(ms) => Duration::from_millis(ms),
+        None => d::ACK_WAIT,
+    };
+    let dead_letter =
+        raw.dead_letter.map(|s| s.parse()).transpose().map_err(|e| ("dead_letter".to_owned(), format!("{e}")))?;
+    let on_error = match raw.on_error.as_deref() {
+        None | Some("term") => OnError::Term,
+        Some("nak") => OnError::Nak,
+        Some(other) => return Err(("on_error".into(), format!("`{other}` is not one of term, nak"))),
+    };
+    Ok(JetStreamTrigger {
+        stream,
+        durable,
+        filters,
+        deliver,
+        ack_wait,
+        max_deliver: positive(raw.max_deliver, "max_deliver", d::MAX_DELIVER)?,
+        backoff: raw.backoff_ms.into_iter().map(Duration::from_millis).collect(),
+        batch: positive(raw.batch, "batch", limits.max_concurrency)?,
+        max_ack_pending: positive(raw.max_ack_pending, "max_ack_pending", d::MAX_ACK_PENDING)?,
+        dead_letter,
+        on_error,
+    })
 }
 
 /// Finds and loads every manifest in a handlers directory: `*.toml` files at
@@ -405,12 +576,7 @@ pub fn discover(dir: &Path) -> Result<Vec<Result<Manifest, ManifestError>>, std:
             let manifest = Manifest::from_file(&path)?;
             let key = (manifest.tenant.clone(), manifest.name.clone());
             if let Some(first) = seen.get(&key) {
-                return Err(ManifestError::Duplicate {
-                    path,
-                    name: key.1,
-                    tenant: key.0,
-                    first: first.clone(),
-                });
+                return Err(ManifestError::Duplicate { path, name: key.1, tenant: key.0, first: first.clone() });
             }
             seen.insert(key, path);
             Ok(manifest)
@@ -488,43 +654,64 @@ mod tests {
 
     #[test]
     fn bad_subjects_name_the_field() {
-        for (subject, why) in [
-            ("a..b", "empty token"),
-            ("a.>.b", "may only be the last token"),
-            ("a b", "whitespace"),
-            ("", "empty"),
-        ] {
-            let e = err(&format!(
-                "name = \"a\"\n[[trigger]]\nsubject = \"ok\"\n[[trigger]]\nsubject = \"{subject}\"\n"
-            ));
+        for (subject, why) in
+            [("a..b", "empty token"), ("a.>.b", "may only be the last token"), ("a b", "whitespace"), ("", "empty")]
+        {
+            let e =
+                err(&format!("name = \"a\"\n[[trigger]]\nsubject = \"ok\"\n[[trigger]]\nsubject = \"{subject}\"\n"));
             assert!(e.starts_with("/h/orders.toml: trigger[1].subject: "), "{e}");
             assert!(e.contains(why), "{e}");
         }
-        let e = err(&format!(
-            "{MINIMAL}[permissions]\npublish = [\"ok\", \"bad..\"]\n"
-        ));
-        assert!(
-            e.starts_with("/h/orders.toml: permissions.publish[1]: "),
-            "{e}"
-        );
+        let e = err(&format!("{MINIMAL}[permissions]\npublish = [\"ok\", \"bad..\"]\n"));
+        assert!(e.starts_with("/h/orders.toml: permissions.publish[1]: "), "{e}");
     }
 
     #[test]
     fn bad_values_name_the_field() {
         assert!(err("name = \"a b\"\n[[trigger]]\nsubject = \"x\"\n").contains(": name: "));
         assert!(err("name = \"a\"\n").contains(": trigger: no [[trigger]]"));
-        assert!(
-            err(&format!("{MINIMAL}[limits]\nmemory_mb = 0\n")).contains(": limits.memory_mb: ")
-        );
-        assert!(
-            err(&format!("{MINIMAL}[limits]\ntimeout_ms = 0\n")).contains(": limits.timeout_ms: ")
-        );
+        assert!(err(&format!("{MINIMAL}[limits]\nmemory_mb = 0\n")).contains(": limits.memory_mb: "));
+        assert!(err(&format!("{MINIMAL}[limits]\ntimeout_ms = 0\n")).contains(": limits.timeout_ms: "));
         assert!(err(&format!("{MINIMAL}[config]\nx = [1]\n")).contains(": config.x: "));
-        assert!(
-            err("name = \"a\"\n[[trigger]]\nsubject = \"x\"\nqueue = \"q q\"\n")
-                .contains(": trigger[0].queue: ")
-        );
+        assert!(err("name = \"a\"\n[[trigger]]\nsubject = \"x\"\nqueue = \"q q\"\n").contains(": trigger[0].queue: "));
         assert!(err("name = 3\n").contains("invalid type"));
+    }
+
+    #[test]
+    fn jetstream_trigger_parses_with_defaults_and_names_bad_fields() {
+        let m = parse(
+            "name = \"w\"\n[limits]\nmax_concurrency = 7\n[[trigger]]\njetstream = { stream = \"ORDERS\", durable = \"w\", filter = [\"orders.>\", \"refunds.*\"], ack_wait_ms = 500, max_deliver = 3, backoff_ms = [10, 20], dead_letter = \"orders.dlq\", on_error = \"nak\" }\n",
+        )
+        .unwrap();
+        let Trigger::JetStream(js) = &m.triggers[0] else { panic!("not jetstream") };
+        assert_eq!(js.stream.as_str(), "ORDERS");
+        assert_eq!(js.filters.len(), 2);
+        assert_eq!(js.ack_wait, Duration::from_millis(500));
+        assert_eq!((js.max_deliver, js.batch, js.max_ack_pending), (3, 7, 1000));
+        assert_eq!(js.backoff, vec![Duration::from_millis(10), Duration::from_millis(20)]);
+        assert_eq!(js.dead_letter.as_ref().unwrap().as_str(), "orders.dlq");
+        assert_eq!((js.on_error, &js.deliver), (OnError::Nak, &DeliverFrom::All));
+
+        let js = |table: &str| err(&format!("name = \"w\"\n[[trigger]]\njetstream = {{ {table} }}\n"));
+        assert!(js("stream = \"A B\", durable = \"d\"").contains("trigger[0].jetstream.stream: "));
+        assert!(js("stream = \"S\", durable = \"d\", filter = \"a..b\"").contains("trigger[0].jetstream.filter[0]: "));
+        assert!(
+            js("stream = \"S\", durable = \"d\", deliver = \"sometime\"").contains("trigger[0].jetstream.deliver: ")
+        );
+        assert!(js("stream = \"S\", durable = \"d\", deliver = \"by-start-sequence\"")
+            .contains("jetstream.start_sequence: is required"));
+        assert!(js("stream = \"S\", durable = \"d\", deliver = \"by-start-time\", start_time = \"yesterday\"")
+            .contains("jetstream.start_time: "));
+        assert!(js("stream = \"S\", durable = \"d\", max_deliver = 0")
+            .contains("jetstream.max_deliver: must be at least 1"));
+        assert!(js("stream = \"S\", durable = \"d\", dead_letter = \"dlq.*\"").contains("jetstream.dead_letter: "));
+        assert!(js("stream = \"S\", durable = \"d\", on_error = \"panic\"").contains("jetstream.on_error: "));
+        assert!(js("stream = \"S\"").contains("missing field `durable`"));
+        assert!(err("name = \"w\"\n[[trigger]]\nsubject = \"x\"\njetstream = { stream = \"S\", durable = \"d\" }\n")
+            .contains("trigger[0]: has both"));
+        assert!(
+            err("name = \"w\"\n[[trigger]]\nqueue = \"q\"\n").contains("trigger[0]: needs `subject` or `jetstream`")
+        );
     }
 
     #[test]
@@ -533,10 +720,7 @@ mod tests {
         let path = dir.path().join("a.toml");
         std::fs::write(&path, format!("component = \"nope.wasm\"\n{MINIMAL}")).unwrap();
         let e = Manifest::from_file(&path).unwrap_err().to_string();
-        assert!(
-            e.contains("a.toml: component: ") && e.contains("nope.wasm does not exist"),
-            "{e}"
-        );
+        assert!(e.contains("a.toml: component: ") && e.contains("nope.wasm does not exist"), "{e}");
     }
 
     #[test]
@@ -545,11 +729,7 @@ mod tests {
         let write = |rel: &str, name: &str| {
             let path = dir.path().join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(
-                &path,
-                format!("name = \"{name}\"\n[[trigger]]\nsubject = \"x\"\n"),
-            )
-            .unwrap();
+            std::fs::write(&path, format!("name = \"{name}\"\n[[trigger]]\nsubject = \"x\"\n")).unwrap();
         };
         write("a.toml", "one");
         write("b.toml", "one");
@@ -561,10 +741,7 @@ mod tests {
         assert_eq!(found.len(), 3);
         assert_eq!(found[0].as_ref().unwrap().name.as_str(), "one");
         let dup = found[1].as_ref().unwrap_err().to_string();
-        assert!(
-            dup.contains("b.toml: name: handler `one` of tenant `default` is already defined by"),
-            "{dup}"
-        );
+        assert!(dup.contains("b.toml: name: handler `one` of tenant `default` is already defined by"), "{dup}");
         assert!(dup.contains("a.toml"), "{dup}");
         assert_eq!(found[2].as_ref().unwrap().name.as_str(), "two");
     }

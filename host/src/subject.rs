@@ -150,58 +150,21 @@ mod tests {
     fn rejects_malformed_subjects() {
         assert_eq!("".parse::<SubjectPattern>(), Err(SubjectError::Empty));
         for bad in ["a..b", ".a", "a.", "."] {
-            assert!(
-                matches!(
-                    bad.parse::<SubjectPattern>(),
-                    Err(SubjectError::EmptyToken(_))
-                ),
-                "{bad}"
-            );
+            assert!(matches!(bad.parse::<SubjectPattern>(), Err(SubjectError::EmptyToken(_))), "{bad}");
         }
         for bad in ["a b", "a\tb", "a.b\n"] {
-            assert!(
-                matches!(
-                    bad.parse::<SubjectPattern>(),
-                    Err(SubjectError::Whitespace(_))
-                ),
-                "{bad}"
-            );
+            assert!(matches!(bad.parse::<SubjectPattern>(), Err(SubjectError::Whitespace(_))), "{bad}");
         }
-        assert!(matches!(
-            "a.>.b".parse::<SubjectPattern>(),
-            Err(SubjectError::TailNotLast(_))
-        ));
-        assert!(matches!(
-            "a.b*".parse::<SubjectPattern>(),
-            Err(SubjectError::PartialWildcard(_))
-        ));
-        assert!(matches!(
-            "a.>b".parse::<SubjectPattern>(),
-            Err(SubjectError::PartialWildcard(_))
-        ));
-        assert!(matches!(
-            "a.*".parse::<Subject>(),
-            Err(SubjectError::Wildcard(_))
-        ));
-        assert!(matches!(
-            "a.>".parse::<Subject>(),
-            Err(SubjectError::Wildcard(_))
-        ));
+        assert!(matches!("a.>.b".parse::<SubjectPattern>(), Err(SubjectError::TailNotLast(_))));
+        assert!(matches!("a.b*".parse::<SubjectPattern>(), Err(SubjectError::PartialWildcard(_))));
+        assert!(matches!("a.>b".parse::<SubjectPattern>(), Err(SubjectError::PartialWildcard(_))));
+        assert!(matches!("a.*".parse::<Subject>(), Err(SubjectError::Wildcard(_))));
+        assert!(matches!("a.>".parse::<Subject>(), Err(SubjectError::Wildcard(_))));
     }
 
     #[test]
     fn accepts_wildcards_as_whole_tokens() {
-        for good in [
-            "a",
-            "a.b.c",
-            "*",
-            ">",
-            "a.*.c",
-            "a.>",
-            "*.*.>",
-            "$JS.API.>",
-            "_INBOX.x",
-        ] {
+        for good in ["a", "a.b.c", "*", ">", "a.*.c", "a.>", "*.*.>", "$JS.API.>", "_INBOX.x"] {
             assert!(good.parse::<SubjectPattern>().is_ok(), "{good}");
         }
     }

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::bindings::natsfn::host::types::JetstreamMeta;
 use crate::bindings::{Message, WitError};
 
 /// Flattens a NATS header map into `(name, value)` pairs, one per value.
@@ -28,9 +29,7 @@ pub(crate) fn headers_to_wit(headers: Option<&HeaderMap>) -> Vec<(String, String
 /// Builds a NATS header map from guest-supplied pairs, or `None` when there
 /// are none (so the message goes out as a plain `PUB`). A malformed name or
 /// value is an `invalid` error naming it.
-pub(crate) fn headers_from_wit(
-    pairs: Vec<(String, String)>,
-) -> Result<Option<HeaderMap>, WitError> {
+pub(crate) fn headers_from_wit(pairs: Vec<(String, String)>) -> Result<Option<HeaderMap>, WitError> {
     if pairs.is_empty() {
         return Ok(None);
     }
@@ -38,21 +37,12 @@ pub(crate) fn headers_from_wit(
     for (name, value) in pairs {
         // The client accepts an empty name, which would put a malformed
         // header line on the wire; insist on a printable token here.
-        let valid_name =
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-        let header = HeaderName::from_str(&name)
-            .ok()
-            .filter(|_| valid_name)
-            .ok_or_else(|| {
-                WitError::Invalid(format!(
-                    "header name `{}` is not a valid NATS header name",
-                    name.escape_debug()
-                ))
-            })?;
+        let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        let header = HeaderName::from_str(&name).ok().filter(|_| valid_name).ok_or_else(|| {
+            WitError::Invalid(format!("header name `{}` is not a valid NATS header name", name.escape_debug()))
+        })?;
         if value.contains(['\r', '\n']) {
-            return Err(WitError::Invalid(format!(
-                "header `{name}` has a line break in its value"
-            )));
+            return Err(WitError::Invalid(format!("header `{name}` has a line break in its value")));
         }
         let value = HeaderValue::from_str(&value)
             .map_err(|_| WitError::Invalid(format!("header `{name}` has an invalid value")))?;
@@ -73,44 +63,48 @@ pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
     }
 }
 
+/// Turns a JetStream message into the WIT record, with its stream position.
+/// The reply subject is left out: for JetStream it is the ack subject.
+pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message) -> Message {
+    let jetstream = msg.info().ok().map(|info| JetstreamMeta {
+        stream: info.stream.to_owned(),
+        consumer: info.consumer.to_owned(),
+        stream_sequence: info.stream_sequence,
+        consumer_sequence: info.consumer_sequence,
+        delivered: info.delivered.max(0) as u64,
+        pending: info.pending,
+        timestamp_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+    });
+    Message {
+        headers: headers_to_wit(msg.headers.as_ref()),
+        subject: msg.subject.to_string(),
+        reply: None,
+        payload: msg.payload.to_vec(),
+        jetstream,
+        kv: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn header_round_trip_keeps_repeated_names() {
-        let pairs = vec![
-            ("A".into(), "1".into()),
-            ("A".into(), "2".into()),
-            ("B".into(), "x y".into()),
-        ];
+        let pairs = vec![("A".into(), "1".into()), ("A".into(), "2".into()), ("B".into(), "x y".into())];
         let map = headers_from_wit(pairs).unwrap().unwrap();
         let mut back = headers_to_wit(Some(&map));
         back.sort();
-        assert_eq!(
-            back,
-            vec![
-                ("A".into(), "1".into()),
-                ("A".into(), "2".into()),
-                ("B".into(), "x y".into())
-            ]
-        );
+        assert_eq!(back, vec![("A".into(), "1".into()), ("A".into(), "2".into()), ("B".into(), "x y".into())]);
     }
 
     #[test]
     fn bad_headers_are_invalid_not_panics() {
-        for (name, value) in [
-            ("bad name", "v"),
-            ("", "v"),
-            ("ok", "line\r\nbreak"),
-            ("ok", "line\nbreak"),
-            ("a:b", "v"),
-        ] {
+        for (name, value) in
+            [("bad name", "v"), ("", "v"), ("ok", "line\r\nbreak"), ("ok", "line\nbreak"), ("a:b", "v")]
+        {
             let got = headers_from_wit(vec![(name.into(), value.into())]);
-            assert!(
-                matches!(got, Err(WitError::Invalid(_))),
-                "{name:?}={value:?} gave {got:?}"
-            );
+            assert!(matches!(got, Err(WitError::Invalid(_))), "{name:?}={value:?} gave {got:?}");
         }
         assert!(headers_from_wit(Vec::new()).unwrap().is_none());
     }

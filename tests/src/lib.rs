@@ -6,9 +6,10 @@
 //! a free loopback port with JetStream and a temporary store, which is killed
 //! and removed when the test's [`natsfn::NatsServer`] is dropped.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,10 +18,7 @@ pub use natsfn::NatsServer;
 
 /// The workspace root (the folder with the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
 }
 
 fn cargo() -> Command {
@@ -66,9 +64,7 @@ impl Default for HandlerDir {
 impl HandlerDir {
     /// An empty directory.
     pub fn new() -> Self {
-        HandlerDir {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        HandlerDir { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     /// The directory's path.
@@ -80,10 +76,7 @@ impl HandlerDir {
     /// `guest`; `body` is the rest of the manifest (triggers, permissions...).
     pub fn add(&self, file: &str, name: &str, guest_name: &str, body: &str) -> &Self {
         let component = guest(guest_name);
-        let text = format!(
-            "name = \"{name}\"\ncomponent = \"{}\"\n{body}\n",
-            component.display()
-        );
+        let text = format!("name = \"{name}\"\ncomponent = \"{}\"\n{body}\n", component.display());
         self.write(&format!("{file}.toml"), &text);
         self
     }
@@ -101,40 +94,21 @@ impl HandlerDir {
 
 /// Builds and starts a host on `dir` against `server`.
 pub async fn start_host(server: &NatsServer, dir: &HandlerDir) -> natsfn::RunningHost {
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .build()
-        .await
-        .expect("build host");
-    assert!(
-        host.load_errors().is_empty(),
-        "unexpected load errors: {:?}",
-        host.load_errors()
-    );
+    let host =
+        natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.expect("build host");
+    assert!(host.load_errors().is_empty(), "unexpected load errors: {:?}", host.load_errors());
     host.start().await.expect("start host")
 }
 
 /// A plain client for the test's side of the conversation.
 pub async fn client(server: &NatsServer) -> async_nats::Client {
-    async_nats::connect(server.url())
-        .await
-        .expect("connect test client")
+    async_nats::connect(server.url()).await.expect("connect test client")
 }
 
 /// Sends a request with a generous timeout and returns the reply.
-pub async fn request(
-    client: &async_nats::Client,
-    subject: &str,
-    payload: &str,
-) -> async_nats::Message {
-    let req = async_nats::Request::new()
-        .payload(payload.to_owned().into())
-        .timeout(Some(Duration::from_secs(10)));
-    client
-        .send_request(subject.to_owned(), req)
-        .await
-        .unwrap_or_else(|e| panic!("request to {subject}: {e}"))
+pub async fn request(client: &async_nats::Client, subject: &str, payload: &str) -> async_nats::Message {
+    let req = async_nats::Request::new().payload(payload.to_owned().into()).timeout(Some(Duration::from_secs(10)));
+    client.send_request(subject.to_owned(), req).await.unwrap_or_else(|e| panic!("request to {subject}: {e}"))
 }
 
 /// The reply payload as text.
@@ -143,10 +117,7 @@ pub fn text(msg: &async_nats::Message) -> String {
 }
 
 /// Collects what arrives on `sub` until nothing has come for `quiet`.
-pub async fn collect_until_quiet(
-    sub: &mut async_nats::Subscriber,
-    quiet: Duration,
-) -> Vec<async_nats::Message> {
+pub async fn collect_until_quiet(sub: &mut async_nats::Subscriber, quiet: Duration) -> Vec<async_nats::Message> {
     let mut got = Vec::new();
     while let Ok(Some(msg)) = tokio::time::timeout(quiet, sub.next()).await {
         got.push(msg);
@@ -157,4 +128,91 @@ pub async fn collect_until_quiet(
 /// A header's first value, if present.
 pub fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
     msg.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+/// A running `natsfn` process whose stdout and stderr lines are collected.
+/// Killed when dropped.
+pub struct NatsfnProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NatsfnProcess {
+    /// Starts `bin` (a test file's `env!("CARGO_BIN_EXE_natsfn-cli")`) with
+    /// `args` and extra environment variables.
+    pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)]) -> NatsfnProcess {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn natsfn");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        for stream in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        NatsfnProcess { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits (up to a minute) for an output line containing all of
+    /// `needles` and returns it.
+    pub fn wait_for(&mut self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no line with {needles:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Sends a signal (`-TERM`, `-INT`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Kills the process without warning, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (up to 15 s) for the process to exit and returns its code.
+    pub fn wait_exit(&mut self) -> i32 {
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("natsfn did not exit; output:\n{}", self.seen.join("\n"));
+    }
+}
+
+impl Drop for NatsfnProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -11,34 +11,20 @@ use natsfn_e2e::*;
 async fn each_message_gets_a_fresh_instance_and_a_reply() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "echo",
-        "echo",
-        "echo",
-        "[[trigger]]\nsubject = \"svc.echo\"",
-    );
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"svc.echo\"");
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
     for i in 0..20 {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("x-test", format!("n{i}").as_str());
-        let req = async_nats::Request::new()
-            .headers(headers)
-            .payload(format!("ping {i}").into());
-        let reply = client
-            .send_request("svc.echo", req)
-            .await
-            .expect("echo replies");
+        let req = async_nats::Request::new().headers(headers).payload(format!("ping {i}").into());
+        let reply = client.send_request("svc.echo", req).await.expect("echo replies");
         assert_eq!(text(&reply), format!("ping {i}"));
         // A static counter in the guest: 1 means nothing survived from the
         // previous message's instance.
         assert_eq!(header(&reply, "x-natsfn-calls"), Some("1"));
-        assert_eq!(
-            header(&reply, "x-test"),
-            Some(format!("n{i}").as_str()),
-            "request headers reach the guest"
-        );
+        assert_eq!(header(&reply, "x-test"), Some(format!("n{i}").as_str()), "request headers reach the guest");
         assert_eq!(header(&reply, "x-natsfn-subject"), Some("svc.echo"));
     }
     let stats = host.handler_stats("echo").unwrap();
@@ -50,19 +36,9 @@ async fn each_message_gets_a_fresh_instance_and_a_reply() {
 async fn wildcard_and_exact_subjects_match_like_nats() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "star",
-        "star",
-        "echo",
-        "[[trigger]]\nsubject = \"star.*.end\"",
-    )
-    .add("tail", "tail", "echo", "[[trigger]]\nsubject = \"tail.>\"")
-    .add(
-        "exact",
-        "exact",
-        "echo",
-        "[[trigger]]\nsubject = \"exact.one\"",
-    );
+    dir.add("star", "star", "echo", "[[trigger]]\nsubject = \"star.*.end\"")
+        .add("tail", "tail", "echo", "[[trigger]]\nsubject = \"tail.>\"")
+        .add("exact", "exact", "echo", "[[trigger]]\nsubject = \"exact.one\"");
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
@@ -78,17 +54,11 @@ async fn wildcard_and_exact_subjects_match_like_nats() {
         ("exact.one.two", false),
         ("exact", false),
     ] {
-        let req = async_nats::Request::new()
-            .payload("x".into())
-            .timeout(Some(Duration::from_secs(5)));
+        let req = async_nats::Request::new().payload("x".into()).timeout(Some(Duration::from_secs(5)));
         let got = client.send_request(subject.to_owned(), req).await;
         match (served, got) {
             (true, Ok(reply)) => assert_eq!(header(&reply, "x-natsfn-subject"), Some(subject)),
-            (false, Err(e)) => assert_eq!(
-                e.kind(),
-                async_nats::client::RequestErrorKind::NoResponders,
-                "{subject}"
-            ),
+            (false, Err(e)) => assert_eq!(e.kind(), async_nats::client::RequestErrorKind::NoResponders, "{subject}"),
             (served, got) => panic!("{subject}: expected served={served}, got {got:?}"),
         }
     }
@@ -109,19 +79,10 @@ async fn one_handler_serves_several_triggers_and_reads_its_config() {
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
-    assert_eq!(
-        text(&request(&client, "greet", "Ada").await),
-        "Bonjour, Ada!"
-    );
-    assert_eq!(
-        text(&request(&client, "greet.fr", "Alan").await),
-        "Bonjour, Alan!"
-    );
+    assert_eq!(text(&request(&client, "greet", "Ada").await), "Bonjour, Ada!");
+    assert_eq!(text(&request(&client, "greet.fr", "Alan").await), "Bonjour, Alan!");
     // No `greeting` in the config: the guest's default.
-    assert_eq!(
-        text(&request(&client, "plain.greet", "Grace").await),
-        "Hello, Grace!"
-    );
+    assert_eq!(text(&request(&client, "plain.greet", "Grace").await), "Hello, Grace!");
     assert_eq!(host.handler_stats("greeter").unwrap().ok, 2);
     host.shutdown().await;
 }
@@ -144,10 +105,7 @@ async fn a_published_message_runs_the_guest_which_publishes_onward() {
     for i in 0..10 {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("seq", i.to_string().as_str());
-        client
-            .publish_with_headers("in.fanout", headers, format!("m{i}").into())
-            .await
-            .unwrap();
+        client.publish_with_headers("in.fanout", headers, format!("m{i}").into()).await.unwrap();
     }
     let got = collect_until_quiet(&mut out, Duration::from_millis(500)).await;
     assert_eq!(got.len(), 30, "10 inputs x 3 targets");
@@ -157,14 +115,7 @@ async fn a_published_message_runs_the_guest_which_publishes_onward() {
         let seq = header(m, "seq").expect("incoming headers are passed on");
         assert_eq!(text(m), format!("m{seq}"));
     }
-    assert_eq!(
-        per_subject,
-        HashMap::from([
-            ("out.a".into(), 10),
-            ("out.b".into(), 10),
-            ("out.c".into(), 10)
-        ])
-    );
+    assert_eq!(per_subject, HashMap::from([("out.a".into(), 10), ("out.b".into(), 10), ("out.c".into(), 10)]));
     host.shutdown().await;
 }
 
@@ -194,23 +145,13 @@ async fn a_guest_requests_onward_within_its_permissions() {
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
-    assert_eq!(
-        text(&request(&client, "relay", "via relay").await),
-        "via relay"
-    );
-    assert_eq!(
-        text(&request(&client, "relay.nobody", "x").await),
-        "error: no-responders"
-    );
+    assert_eq!(text(&request(&client, "relay", "via relay").await), "via relay");
+    assert_eq!(text(&request(&client, "relay.nobody", "x").await), "error: no-responders");
     assert_eq!(
         text(&request(&client, "relay.denied", "x").await),
         "error: permission-denied: request to elsewhere.echo"
     );
-    assert_eq!(
-        host.handler_stats("echo").unwrap().invocations,
-        1,
-        "the denied request never reached NATS"
-    );
+    assert_eq!(host.handler_stats("echo").unwrap().invocations, 1, "the denied request never reached NATS");
     host.shutdown().await;
 }
 
@@ -226,10 +167,7 @@ async fn request_timeout_is_reported_to_the_guest() {
     );
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
-    assert_eq!(
-        text(&request(&client, "relay", "x").await),
-        "error: timeout"
-    );
+    assert_eq!(text(&request(&client, "relay", "x").await), "error: timeout");
     host.shutdown().await;
 }
 
@@ -251,37 +189,18 @@ async fn denied_and_malformed_calls_return_errors_and_publish_nothing() {
     for (probe, expected) in [
         ("publish", "permission-denied: publish to secret.stuff"),
         ("request", "permission-denied: request to secret.stuff"),
-        (
-            "wildcard",
-            "invalid: `allowed.*` contains a wildcard; a concrete subject is needed here",
-        ),
+        ("wildcard", "invalid: `allowed.*` contains a wildcard; a concrete subject is needed here"),
         ("empty", "invalid: subject is empty"),
-        (
-            "header",
-            "invalid: header name `bad name` is not a valid NATS header name",
-        ),
-        (
-            "header-value",
-            "invalid: header `x-probe` has a line break in its value",
-        ),
+        ("header", "invalid: header name `bad name` is not a valid NATS header name"),
+        ("header-value", "invalid: header `x-probe` has a line break in its value"),
     ] {
-        assert_eq!(
-            text(&request(&client, "probe", probe).await),
-            expected,
-            "probe {probe}"
-        );
+        assert_eq!(text(&request(&client, "probe", probe).await), expected, "probe {probe}");
     }
 
     let seen = collect_until_quiet(&mut everything, Duration::from_millis(300)).await;
-    let leaked: Vec<_> = seen
-        .iter()
-        .map(|m| m.subject.to_string())
-        .filter(|s| s != "probe" && !s.starts_with("_INBOX."))
-        .collect();
-    assert!(
-        leaked.is_empty(),
-        "nothing may be published by denied calls, saw {leaked:?}"
-    );
+    let leaked: Vec<_> =
+        seen.iter().map(|m| m.subject.to_string()).filter(|s| s != "probe" && !s.starts_with("_INBOX.")).collect();
+    assert!(leaked.is_empty(), "nothing may be published by denied calls, saw {leaked:?}");
     host.shutdown().await;
 }
 
@@ -289,36 +208,23 @@ async fn denied_and_malformed_calls_return_errors_and_publish_nothing() {
 async fn a_trapping_guest_does_not_stop_the_host() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "panicker",
-        "panicker",
-        "panicker",
-        "[[trigger]]\nsubject = \"p\"",
-    )
-    .add("echo", "echo", "echo", "[[trigger]]\nsubject = \"e\"");
+    dir.add("panicker", "panicker", "panicker", "[[trigger]]\nsubject = \"p\"").add(
+        "echo",
+        "echo",
+        "echo",
+        "[[trigger]]\nsubject = \"e\"",
+    );
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
     for round in 0..3 {
         for payload in ["panic", "abort"] {
-            let req = async_nats::Request::new()
-                .payload(payload.into())
-                .timeout(Some(Duration::from_millis(500)));
+            let req = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_millis(500)));
             let got = client.send_request("p", req).await;
-            assert!(
-                got.is_err(),
-                "a trapped invocation sends no reply (round {round})"
-            );
+            assert!(got.is_err(), "a trapped invocation sends no reply (round {round})");
         }
-        assert_eq!(
-            text(&request(&client, "p", "fine").await),
-            "ok",
-            "the same handler serves the next message"
-        );
-        assert_eq!(
-            text(&request(&client, "e", "still here").await),
-            "still here"
-        );
+        assert_eq!(text(&request(&client, "p", "fine").await), "ok", "the same handler serves the next message");
+        assert_eq!(text(&request(&client, "e", "still here").await), "still here");
     }
     let stats = host.handler_stats("panicker").unwrap();
     assert_eq!((stats.trapped, stats.ok), (6, 3));
@@ -337,13 +243,8 @@ async fn a_guest_past_its_deadline_is_stopped() {
     );
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
-    let req = async_nats::Request::new()
-        .payload("x".into())
-        .timeout(Some(Duration::from_secs(3)));
-    assert!(
-        client.send_request("s", req).await.is_err(),
-        "no reply from a timed-out guest"
-    );
+    let req = async_nats::Request::new().payload("x".into()).timeout(Some(Duration::from_secs(3)));
+    assert!(client.send_request("s", req).await.is_err(), "no reply from a timed-out guest");
     let stats = host.handler_stats("slow").unwrap();
     assert_eq!((stats.timed_out, stats.in_flight), (1, 0));
     host.shutdown().await;
@@ -352,11 +253,8 @@ async fn a_guest_past_its_deadline_is_stopped() {
 #[tokio::test]
 async fn queue_group_spreads_messages_across_two_hosts() {
     let server = nats();
-    let body = |who: &str| {
-        format!(
-            "[[trigger]]\nsubject = \"work\"\nqueue = \"workers\"\n[config]\ngreeting = \"{who}\""
-        )
-    };
+    let body =
+        |who: &str| format!("[[trigger]]\nsubject = \"work\"\nqueue = \"workers\"\n[config]\ngreeting = \"{who}\"");
     let (dir_a, dir_b) = (HandlerDir::new(), HandlerDir::new());
     dir_a.add("greeter", "greeter", "greeter", &body("A"));
     dir_b.add("greeter", "greeter", "greeter", &body("B"));
@@ -375,12 +273,9 @@ async fn queue_group_spreads_messages_across_two_hosts() {
     let by_a = replies.iter().filter(|r| r.starts_with("A, ")).count();
     let by_b = replies.iter().filter(|r| r.starts_with("B, ")).count();
     assert_eq!(by_a + by_b, 200);
-    assert!(
-        by_a > 20 && by_b > 20,
-        "both members took a share: A {by_a}, B {by_b}"
-    );
-    let total = host_a.handler_stats("greeter").unwrap().invocations
-        + host_b.handler_stats("greeter").unwrap().invocations;
+    assert!(by_a > 20 && by_b > 20, "both members took a share: A {by_a}, B {by_b}");
+    let total =
+        host_a.handler_stats("greeter").unwrap().invocations + host_b.handler_stats("greeter").unwrap().invocations;
     assert_eq!(total, 200, "each message handled exactly once by the group");
     host_a.shutdown().await;
     host_b.shutdown().await;
@@ -407,10 +302,7 @@ async fn max_concurrency_bounds_in_flight_invocations() {
     assert_eq!(replies.len(), 12);
     let stats = host.handler_stats("slow").unwrap();
     assert_eq!(stats.ok, 12);
-    assert_eq!(
-        stats.peak_in_flight, 2,
-        "12 concurrent requests, never more than 2 instances"
-    );
+    assert_eq!(stats.peak_in_flight, 2, "12 concurrent requests, never more than 2 instances");
     host.shutdown().await;
 }
 
@@ -418,20 +310,12 @@ async fn max_concurrency_bounds_in_flight_invocations() {
 async fn guests_cannot_reach_files_environment_or_network() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "sandbox",
-        "sandbox",
-        "sandbox",
-        "[[trigger]]\nsubject = \"sandbox\"",
-    );
+    dir.add("sandbox", "sandbox", "sandbox", "[[trigger]]\nsubject = \"sandbox\"");
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
     std::env::set_var("NATSFN_TEST_SECRET", "must not leak");
     let report = text(&request(&client, "sandbox", "").await);
-    assert_eq!(
-        report, "fs-read=err\nfs-dir=err\nenv=0\nnet=err",
-        "{report}"
-    );
+    assert_eq!(report, "fs-read=err\nfs-dir=err\nenv=0\nnet=err", "{report}");
     host.shutdown().await;
 }
 
@@ -439,12 +323,7 @@ async fn guests_cannot_reach_files_environment_or_network() {
 async fn shutdown_finishes_in_flight_work_and_takes_no_more() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "slow",
-        "slow",
-        "slow",
-        "[[trigger]]\nsubject = \"s\"\n[config]\ndelay_ms = 700",
-    );
+    dir.add("slow", "slow", "slow", "[[trigger]]\nsubject = \"s\"\n[config]\ndelay_ms = 700");
     let host = start_host(&server, &dir).await;
     let client = client(&server).await;
 
@@ -460,20 +339,11 @@ async fn shutdown_finishes_in_flight_work_and_takes_no_more() {
     let report = host.shutdown().await;
     assert!(report.clean && report.abandoned == 0, "{report:?}");
     for (i, task) in in_flight.into_iter().enumerate() {
-        assert_eq!(
-            task.await.unwrap(),
-            format!("r{i}"),
-            "in-flight request {i} got its reply"
-        );
+        assert_eq!(task.await.unwrap(), format!("r{i}"), "in-flight request {i} got its reply");
     }
-    let req = async_nats::Request::new()
-        .payload("late".into())
-        .timeout(Some(Duration::from_millis(500)));
+    let req = async_nats::Request::new().payload("late".into()).timeout(Some(Duration::from_millis(500)));
     let late = client.send_request("s", req).await;
-    assert_eq!(
-        late.unwrap_err().kind(),
-        async_nats::client::RequestErrorKind::NoResponders
-    );
+    assert_eq!(late.unwrap_err().kind(), async_nats::client::RequestErrorKind::NoResponders);
 }
 
 #[tokio::test]
@@ -502,11 +372,5 @@ async fn shutdown_abandons_invocations_at_the_deadline() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let report = host.shutdown().await;
-    assert_eq!(
-        report,
-        natsfn::ShutdownReport {
-            abandoned: 1,
-            clean: false
-        }
-    );
+    assert_eq!(report, natsfn::ShutdownReport { abandoned: 1, clean: false });
 }

@@ -12,45 +12,17 @@ fn mixed_dir() -> HandlerDir {
     let dir = HandlerDir::new();
     let echo = guest("echo");
     dir.add("a-good", "good", "echo", "[[trigger]]\nsubject = \"good\"")
-        .add(
-            "b-unknown-field",
-            "unknown",
-            "echo",
-            "[[trigger]]\nsubject = \"u\"\ncolour = \"red\"",
-        )
-        .add(
-            "c-bad-subject",
-            "badsubject",
-            "echo",
-            "[[trigger]]\nsubject = \"orders..created\"",
-        )
-        .add(
-            "d-tail-not-last",
-            "tail",
-            "echo",
-            "[[trigger]]\nsubject = \"orders.>.x\"",
-        )
-        .add(
-            "e-space",
-            "space",
-            "echo",
-            "[[trigger]]\nsubject = \"orders created\"",
-        )
-        .add(
-            "f-duplicate",
-            "good",
-            "echo",
-            "[[trigger]]\nsubject = \"dup\"",
-        )
+        .add("b-unknown-field", "unknown", "echo", "[[trigger]]\nsubject = \"u\"\ncolour = \"red\"")
+        .add("c-bad-subject", "badsubject", "echo", "[[trigger]]\nsubject = \"orders..created\"")
+        .add("d-tail-not-last", "tail", "echo", "[[trigger]]\nsubject = \"orders.>.x\"")
+        .add("e-space", "space", "echo", "[[trigger]]\nsubject = \"orders created\"")
+        .add("f-duplicate", "good", "echo", "[[trigger]]\nsubject = \"dup\"")
         .write(
             "g-missing-component.toml",
             "name = \"missing\"\ncomponent = \"nowhere.wasm\"\n[[trigger]]\nsubject = \"m\"\n",
         )
         .write("h-not-wasm.wasm", "this is not wasm")
-        .write(
-            "h-not-wasm.toml",
-            "name = \"notwasm\"\ncomponent = \"h-not-wasm.wasm\"\n[[trigger]]\nsubject = \"n\"\n",
-        )
+        .write("h-not-wasm.toml", "name = \"notwasm\"\ncomponent = \"h-not-wasm.wasm\"\n[[trigger]]\nsubject = \"n\"\n")
         .write("i-not-toml.toml", "name = [unclosed\n");
     // A valid component of the wrong world: the WASI adapter-free echo is
     // fine, but a bare core module is not a component at all.
@@ -68,12 +40,7 @@ fn mixed_dir() -> HandlerDir {
 async fn broken_handlers_are_skipped_with_clear_errors_and_good_ones_serve() {
     let server = nats();
     let dir = mixed_dir();
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .build()
-        .await
-        .unwrap();
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.unwrap();
 
     let loaded: Vec<String> = host.handlers().iter().map(|h| h.name.to_string()).collect();
     assert_eq!(loaded, vec!["good"]);
@@ -81,22 +48,10 @@ async fn broken_handlers_are_skipped_with_clear_errors_and_good_ones_serve() {
     let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
     let expect = [
         ("b-unknown-field.toml", "unknown field `colour`"),
-        (
-            "c-bad-subject.toml",
-            "trigger[0].subject: `orders..created` has an empty token",
-        ),
-        (
-            "d-tail-not-last.toml",
-            "trigger[0].subject: `orders.>.x`: `>` may only be the last token",
-        ),
-        (
-            "e-space.toml",
-            "trigger[0].subject: `orders created` contains whitespace",
-        ),
-        (
-            "f-duplicate.toml",
-            "name: handler `good` of tenant `default` is already defined by",
-        ),
+        ("c-bad-subject.toml", "trigger[0].subject: `orders..created` has an empty token"),
+        ("d-tail-not-last.toml", "trigger[0].subject: `orders.>.x`: `>` may only be the last token"),
+        ("e-space.toml", "trigger[0].subject: `orders created` contains whitespace"),
+        ("f-duplicate.toml", "name: handler `good` of tenant `default` is already defined by"),
         ("g-missing-component.toml", "component: "),
         ("h-not-wasm.wasm", "not a valid WebAssembly component"),
         ("i-not-toml.toml", "TOML parse error"),
@@ -105,19 +60,14 @@ async fn broken_handlers_are_skipped_with_clear_errors_and_good_ones_serve() {
     assert_eq!(errors.len(), expect.len(), "{errors:#?}");
     for (file, needle) in expect {
         assert!(
-            errors
-                .iter()
-                .any(|e| e.contains(file) && e.contains(needle)),
+            errors.iter().any(|e| e.contains(file) && e.contains(needle)),
             "no error naming {file} with `{needle}` in {errors:#?}"
         );
     }
 
     let running = host.start().await.unwrap();
     let client = client(&server).await;
-    assert_eq!(
-        text(&request(&client, "good", "still serving").await),
-        "still serving"
-    );
+    assert_eq!(text(&request(&client, "good", "still serving").await), "still serving");
     running.shutdown().await;
 }
 
@@ -128,21 +78,12 @@ async fn a_component_of_the_wrong_world_is_named() {
     // A valid component that exports nothing natsfn can call.
     let empty_component = b"\0asm\x0d\0\x01\0";
     std::fs::write(dir.path().join("empty.wasm"), empty_component).unwrap();
-    dir.write(
-        "empty.toml",
-        "name = \"empty\"\ncomponent = \"empty.wasm\"\n[[trigger]]\nsubject = \"x\"\n",
-    );
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .build()
-        .await
-        .unwrap();
+    dir.write("empty.toml", "name = \"empty\"\ncomponent = \"empty.wasm\"\n[[trigger]]\nsubject = \"x\"\n");
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.unwrap();
     let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 1);
     assert!(
-        errors[0].contains("empty.wasm")
-            && errors[0].contains("does not fit the natsfn:host/handler world"),
+        errors[0].contains("empty.wasm") && errors[0].contains("does not fit the natsfn:host/handler world"),
         "{errors:?}"
     );
 }
@@ -153,21 +94,16 @@ async fn handlers_can_be_added_from_bytes() {
     let wasm = std::fs::read(guest("echo")).unwrap();
     let host = natsfn::Host::builder()
         .nats_url(server.url())
-        .handler(
-            "inline-echo",
-            "name = \"inline\"\n[[trigger]]\nsubject = \"inline\"\n",
-            wasm.clone(),
-        )
-        .handler(
-            "broken",
-            "name = \"broken\"\n[[trigger]]\nsubject = \"b..\"\n",
-            wasm,
-        )
+        .handler("inline-echo", "name = \"inline\"\n[[trigger]]\nsubject = \"inline\"\n", wasm.clone())
+        .handler("broken", "name = \"broken\"\n[[trigger]]\nsubject = \"b..\"\n", wasm)
         .build()
         .await
         .unwrap();
     let errors: Vec<String> = host.load_errors().iter().map(ToString::to_string).collect();
-    assert_eq!(errors, vec!["broken: trigger[0].subject: `b..` has an empty token (a leading, trailing or doubled `.`)"]);
+    assert_eq!(
+        errors,
+        vec!["broken: trigger[0].subject: `b..` has an empty token (a leading, trailing or doubled `.`)"]
+    );
     let running = host.start().await.unwrap();
     let client = client(&server).await;
     assert_eq!(text(&request(&client, "inline", "bytes").await), "bytes");
@@ -178,12 +114,7 @@ async fn handlers_can_be_added_from_bytes() {
 async fn the_embed_example_runs_inside_its_own_runtime() {
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add(
-        "greeter",
-        "greeter",
-        "greeter",
-        "[[trigger]]\nsubject = \"embed.greet\"",
-    );
+    dir.add("greeter", "greeter", "greeter", "[[trigger]]\nsubject = \"embed.greet\"");
     let wasm = std::fs::read(guest("echo")).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let url = server.url();
@@ -199,9 +130,7 @@ async fn the_embed_example_runs_inside_its_own_runtime() {
     // The host binds its triggers after start-up; retry until it answers.
     let mut echoed = None;
     for _ in 0..100 {
-        let req = async_nats::Request::new()
-            .payload("hi".into())
-            .timeout(Some(Duration::from_secs(2)));
+        let req = async_nats::Request::new().payload("hi".into()).timeout(Some(Duration::from_secs(2)));
         match client.send_request("embed.echo", req).await {
             Ok(m) => {
                 echoed = Some(text(&m));
@@ -211,10 +140,7 @@ async fn the_embed_example_runs_inside_its_own_runtime() {
         }
     }
     assert_eq!(echoed.as_deref(), Some("hi"));
-    assert_eq!(
-        text(&request(&client, "embed.greet", "embedder").await),
-        "Hello, embedder!"
-    );
+    assert_eq!(text(&request(&client, "embed.greet", "embedder").await), "Hello, embedder!");
     stop_tx.send(()).unwrap();
     let report = embedded.await.unwrap().unwrap();
     assert!(report.clean);

@@ -17,10 +17,7 @@ impl Guest for Echo {
         let mut headers = msg.headers;
         headers.push(("x-natsfn-calls".to_string(), calls.to_string()));
         headers.push(("x-natsfn-subject".to_string(), msg.subject));
-        Ok(Some(Reply {
-            headers,
-            payload: msg.payload,
-        }))
+        Ok(Some(Reply { headers, payload: msg.payload }))
     }
 }
 

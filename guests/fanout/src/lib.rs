@@ -11,8 +11,7 @@ impl Guest for Fanout {
         let targets = natsfn_guest::config_or("targets", "");
         let mut published = 0u32;
         for subject in targets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            messaging::publish(subject, &msg.headers, &msg.payload)
-                .map_err(|err| natsfn_guest::fail(&err))?;
+            messaging::publish(subject, &msg.headers, &msg.payload).map_err(|err| natsfn_guest::fail(&err))?;
             published += 1;
         }
         natsfn_guest::reply(published.to_string())

@@ -14,18 +14,10 @@ fn publish_with_header(name: &str, value: &str) -> Result<(), Error> {
 
 fn probe(which: &str) -> Result<(), Error> {
     match which {
-        "publish" => messaging::publish(
-            &natsfn_guest::config_or("target", "secret.stuff"),
-            &[],
-            b"probe",
-        ),
-        "request" => messaging::request(
-            &natsfn_guest::config_or("target", "secret.stuff"),
-            &[],
-            b"probe",
-            500,
-        )
-        .map(drop),
+        "publish" => messaging::publish(&natsfn_guest::config_or("target", "secret.stuff"), &[], b"probe"),
+        "request" => {
+            messaging::request(&natsfn_guest::config_or("target", "secret.stuff"), &[], b"probe", 500).map(drop)
+        }
         "wildcard" => messaging::publish("allowed.*", &[], b"probe"),
         "header" => publish_with_header("bad name", "v"),
         "header-value" => publish_with_header("x-probe", "bad\r\nvalue"),

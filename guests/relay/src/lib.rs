@@ -11,11 +11,9 @@ struct Relay;
 
 impl Guest for Relay {
     fn handle(msg: Message) -> HandleResult {
-        let upstream = config::get("upstream")
-            .ok_or_else(|| HandlerError::Fail("config key upstream is not set".to_string()))?;
-        let timeout_ms = config::get("timeout_ms")
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_TIMEOUT_MS);
+        let upstream =
+            config::get("upstream").ok_or_else(|| HandlerError::Fail("config key upstream is not set".to_string()))?;
+        let timeout_ms = config::get("timeout_ms").and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_TIMEOUT_MS);
         match messaging::request(&upstream, &msg.headers, &msg.payload, timeout_ms) {
             Ok(answer) => natsfn_guest::reply(answer.payload),
             Err(err) => natsfn_guest::reply(format!("error: {}", describe(&err))),

@@ -21,9 +21,7 @@ impl Guest for Sandbox {
         // std::net is backed by wasi:sockets on wasm32-wasip2, so this is a
         // real connect attempt the host has to refuse.
         let net = outcome(std::net::TcpStream::connect("127.0.0.1:4222"));
-        natsfn_guest::reply(format!(
-            "fs-read={fs_read}\nfs-dir={fs_dir}\nenv={env}\nnet={net}"
-        ))
+        natsfn_guest::reply(format!("fs-read={fs_read}\nfs-dir={fs_dir}\nenv={env}\nnet={net}"))
     }
 }
 

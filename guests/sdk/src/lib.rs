@@ -47,7 +47,7 @@ pub mod bindings {
 #[doc(hidden)]
 pub use wit_bindgen as __rt;
 
-pub use bindings::natsfn::host::{config, log, messaging, types};
+pub use bindings::natsfn::host::{acks, config, log, messaging, types};
 pub use bindings::{export_handler, Guest};
 pub use types::{Error, HandlerError, Header, Message, Reply};
 
@@ -56,10 +56,7 @@ pub type HandleResult = Result<Option<Reply>, HandlerError>;
 
 /// A successful handler result carrying `payload` and no headers.
 pub fn reply(payload: impl Into<Vec<u8>>) -> HandleResult {
-    Ok(Some(Reply {
-        headers: Vec::new(),
-        payload: payload.into(),
-    }))
+    Ok(Some(Reply { headers: Vec::new(), payload: payload.into() }))
 }
 
 /// Renders a host error in the stable `kind[: detail]` form that tests and

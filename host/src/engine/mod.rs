@@ -26,16 +26,12 @@ use std::thread;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{
-    Config, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    UpdateDeadline,
-};
+use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::HandlerPre;
 use crate::hostcalls::{self, Invocation};
 use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB};
-use crate::manifest::Manifest;
 
 /// Why a component could not be turned into a runnable handler.
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +72,7 @@ pub(crate) struct StoreData {
 
 impl WasiView for StoreData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -104,23 +97,13 @@ struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let ok = desired <= self.max_bytes;
         self.hit |= !ok;
         Ok(ok)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -166,67 +149,36 @@ impl Engine {
 
         let mut linker = Linker::new(&inner);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(EngineError::Config)?;
-        hostcalls::add_to_linker(&mut linker, |d: &mut StoreData| &mut d.calls)
-            .map_err(EngineError::Config)?;
+        hostcalls::add_to_linker(&mut linker, |d: &mut StoreData| &mut d.calls).map_err(EngineError::Config)?;
 
         spawn_epoch_ticker(&inner).map_err(EngineError::Ticker)?;
-        Ok(Engine {
-            inner,
-            linker: Arc::new(linker),
-        })
+        Ok(Engine { inner, linker: Arc::new(linker) })
     }
 
     /// Compiles `wasm` and links it against natsfn's imports. CPU-heavy: call
     /// it off the async runtime's worker threads.
     pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, EngineError> {
         let component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
-        let instance_pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(EngineError::World)?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(EngineError::World)?;
         let pre = HandlerPre::new(instance_pre).map_err(EngineError::World)?;
-        let digest = Sha256::digest(wasm)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = Sha256::digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
         Ok(Compiled { pre, digest })
     }
 
-    /// A fresh store for one invocation of `manifest`'s handler, with its
-    /// memory limit and a CPU deadline at `deadline`.
-    pub(crate) fn store(
-        &self,
-        manifest: Arc<Manifest>,
-        nats: async_nats::Client,
-        deadline: Instant,
-    ) -> Store<StoreData> {
+    /// A fresh store for one invocation, with the handler's memory limit and
+    /// a CPU deadline at the invocation's deadline.
+    pub(crate) fn store(&self, calls: Invocation) -> Store<StoreData> {
+        let manifest = &calls.manifest;
+        let deadline = calls.deadline;
         let wasi = WasiCtx::builder()
-            .stdout(stdio::GuestOutput::new(
-                manifest.clone(),
-                stdio::Stream::Stdout,
-            ))
-            .stderr(stdio::GuestOutput::new(
-                manifest.clone(),
-                stdio::Stream::Stderr,
-            ))
+            .stdout(stdio::GuestOutput::new(manifest.clone(), stdio::Stream::Stdout))
+            .stderr(stdio::GuestOutput::new(manifest.clone(), stdio::Stream::Stderr))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limiter = MemoryLimiter {
-            max_bytes: manifest.limits.memory_bytes,
-            hit: false,
-        };
-        let data = StoreData {
-            wasi,
-            table: ResourceTable::new(),
-            limiter,
-            calls: Invocation {
-                manifest,
-                nats,
-                deadline,
-            },
-        };
+        let limiter = MemoryLimiter { max_bytes: manifest.limits.memory_bytes, hit: false };
+        let data = StoreData { wasi, table: ResourceTable::new(), limiter, calls };
         let mut store = Store::new(&self.inner, data);
         store.limiter(|d| &mut d.limiter);
         // Check in at every tick: yield so a CPU-bound guest cannot hold a
@@ -247,14 +199,12 @@ impl Engine {
 /// thread per engine, however many invocations run.
 fn spawn_epoch_ticker(engine: &wasmtime::Engine) -> std::io::Result<()> {
     let weak = engine.weak();
-    thread::Builder::new()
-        .name("natsfn-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                thread::sleep(EPOCH_TICK);
-            }
-        })?;
+    thread::Builder::new().name("natsfn-epoch".into()).spawn(move || {
+        while let Some(engine) = weak.upgrade() {
+            engine.increment_epoch();
+            drop(engine);
+            thread::sleep(EPOCH_TICK);
+        }
+    })?;
     Ok(())
 }

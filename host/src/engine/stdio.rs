@@ -61,10 +61,7 @@ struct LineWriter {
 
 impl LineWriter {
     fn new(out: GuestOutput) -> Self {
-        LineWriter {
-            out,
-            buf: Vec::new(),
-        }
+        LineWriter { out, buf: Vec::new() }
     }
 
     fn push(&mut self, mut bytes: &[u8]) {
@@ -125,11 +122,7 @@ impl Pollable for LineWriter {
 }
 
 impl AsyncWrite for LineWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.get_mut().push(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use async_nats::client::{PublishErrorKind, RequestErrorKind};
+use async_nats::jetstream::context::PublishErrorKind as PublishAckErrorKind;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::Request;
 
 use super::{CallError, Invocation};
@@ -23,9 +25,7 @@ impl Invocation {
     /// Parses `subject` and checks the grant for `verb`; a denial is logged
     /// with who asked, and names the subject to the guest.
     fn permitted(&self, subject: &str, verb: Verb) -> Result<Subject, WitError> {
-        let subject: Subject = subject
-            .parse()
-            .map_err(|e| WitError::Invalid(format!("{e}")))?;
+        let subject: Subject = subject.parse().map_err(|e| WitError::Invalid(format!("{e}")))?;
         let perms = &self.manifest.permissions;
         let (allowed, what) = match verb {
             Verb::Publish => (perms.may_publish(&subject), "publish"),
@@ -55,17 +55,11 @@ impl Host for Invocation {
         let headers = wire::headers_from_wit(headers)?;
         let subject = subject.as_str().to_owned();
         let sent = match headers {
-            Some(h) => {
-                self.nats
-                    .publish_with_headers(subject, h, payload.into())
-                    .await
-            }
+            Some(h) => self.nats.publish_with_headers(subject, h, payload.into()).await,
             None => self.nats.publish(subject, payload.into()).await,
         };
         sent.map_err(|e| match e.kind() {
-            PublishErrorKind::MaxPayloadExceeded => {
-                WitError::TooLarge(self.nats.max_payload() as u64)
-            }
+            PublishErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
             PublishErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
             PublishErrorKind::Send => WitError::Unavailable(e.to_string()),
         })?;
@@ -83,32 +77,55 @@ impl Host for Invocation {
         let headers = wire::headers_from_wit(headers)?;
         // The guest's own timeout, but never past the invocation's deadline:
         // a request must not keep an instance alive after its time is up.
-        let left = self
-            .deadline
-            .saturating_duration_since(tokio::time::Instant::now());
+        let left = self.deadline.saturating_duration_since(tokio::time::Instant::now());
         let timeout = Duration::from_millis(timeout_ms.into()).min(left);
         if timeout.is_zero() {
             return Err(WitError::Timeout.into());
         }
-        let mut request = Request::new()
-            .payload(payload.into())
-            .timeout(Some(timeout));
+        let mut request = Request::new().payload(payload.into()).timeout(Some(timeout));
         if let Some(h) = headers {
             request = request.headers(h);
         }
-        let reply = self
-            .nats
-            .send_request(subject.as_str().to_owned(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::TimedOut => WitError::Timeout,
-                RequestErrorKind::NoResponders => WitError::NoResponders,
-                RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
-                RequestErrorKind::MaxPayloadExceeded => {
-                    WitError::TooLarge(self.nats.max_payload() as u64)
-                }
-                _ => WitError::Unavailable(e.to_string()),
-            })?;
+        let reply = self.nats.send_request(subject.as_str().to_owned(), request).await.map_err(|e| match e.kind() {
+            RequestErrorKind::TimedOut => WitError::Timeout,
+            RequestErrorKind::NoResponders => WitError::NoResponders,
+            RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
+            RequestErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
+            _ => WitError::Unavailable(e.to_string()),
+        })?;
         Ok(wire::message_to_wit(reply))
+    }
+
+    async fn jetstream_publish(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        msg_id: Option<String>,
+    ) -> Result<u64, CallError> {
+        let subject = self.permitted(&subject, Verb::Publish)?;
+        let mut publish = PublishMessage::build().payload(payload.into());
+        if let Some(h) = wire::headers_from_wit(headers)? {
+            publish = publish.headers(h);
+        }
+        if let Some(id) = msg_id {
+            if id.is_empty() || id.contains(['\r', '\n']) {
+                return Err(WitError::Invalid("msg-id must be non-empty and on one line".into()).into());
+            }
+            publish = publish.message_id(id);
+        }
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let stored = async { js.send_publish(subject.as_str().to_owned(), publish).await?.await };
+        // The stream's acknowledgement can take a while under load; never
+        // past the invocation's deadline.
+        let ack = tokio::time::timeout_at(self.deadline, stored).await.map_err(|_| WitError::Timeout)?.map_err(
+            |e| match e.kind() {
+                PublishAckErrorKind::StreamNotFound => WitError::NoResponders,
+                PublishAckErrorKind::TimedOut => WitError::Timeout,
+                PublishAckErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
+                _ => WitError::Unavailable(e.to_string()),
+            },
+        )?;
+        Ok(ack.sequence)
     }
 }

@@ -3,15 +3,18 @@
 //!
 //! All of them work on an [`Invocation`], the slice of the store that belongs
 //! to host calls: who is calling (the handler's manifest, for permissions and
-//! config), the NATS connection to act with, and the invocation's deadline.
+//! config), the NATS connection to act with, the invocation's deadline, and
+//! for JetStream deliveries the message to acknowledge.
 //! They never see the rest of the store (WASI state, limits), which keeps each
 //! interface testable and its reach obvious.
 
+mod acks;
 mod config;
 mod log;
 mod messaging;
 mod types;
 
+pub(crate) use acks::{Decision, JetStreamAck};
 pub(crate) use log::GUEST_TARGET;
 
 use std::sync::Arc;
@@ -30,6 +33,8 @@ pub struct Invocation {
     pub(crate) nats: async_nats::Client,
     /// When the invocation's time is up; waits inside host calls end here.
     pub(crate) deadline: Instant,
+    /// The JetStream message being handled, for the `acks` interface.
+    pub(crate) jetstream: Option<JetStreamAck>,
 }
 
 /// The error side of host calls that return the WIT `error` variant.

@@ -7,6 +7,7 @@
 //! once the shutdown token fires and what it had already received is handed
 //! over.
 
+mod jetstream;
 mod subject;
 
 use std::sync::Arc;
@@ -27,6 +28,34 @@ pub enum TriggerError {
         /// The client's error.
         source: async_nats::SubscribeError,
     },
+    /// The stream does not exist (or cannot be read) and the host may not
+    /// create streams.
+    #[error("stream `{stream}` cannot be used (natsfn creates streams only with --create-streams): {source}")]
+    MissingStream {
+        /// The stream.
+        stream: String,
+        /// The server's answer.
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    /// The host may create the stream but could not.
+    #[error("cannot create stream `{stream}`: {reason}")]
+    CreateStream {
+        /// The stream.
+        stream: String,
+        /// Why.
+        reason: String,
+    },
+    /// The durable consumer could not be created or updated to match the
+    /// manifest (for example a changed `deliver` on an existing consumer).
+    #[error("cannot create or update consumer `{durable}` on stream `{stream}`: {source}")]
+    Consumer {
+        /// The stream.
+        stream: String,
+        /// The durable consumer.
+        durable: String,
+        /// The server's answer.
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
 }
 
 /// Binds `trigger` for `handler` and spawns the task that feeds it. Returns
@@ -34,6 +63,7 @@ pub enum TriggerError {
 /// server yet: flush the connection for that).
 pub(crate) async fn bind(
     trigger: &Trigger,
+    create_streams: bool,
     handler: Arc<LoadedHandler>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
@@ -42,5 +72,6 @@ pub(crate) async fn bind(
         Trigger::Subject { subject, queue } => {
             subject::bind(subject, queue.as_ref(), handler, dispatcher, shutdown).await
         }
+        Trigger::JetStream(js) => jetstream::bind(js, create_streams, handler, dispatcher, shutdown).await,
     }
 }

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Dispatcher, LoadedHandler};
+use crate::dispatch::{Delivery, Dispatcher, LoadedHandler};
 use crate::manifest::QueueGroup;
 use crate::subject::SubjectPattern;
 
@@ -25,16 +25,10 @@ pub(super) async fn bind(
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
     let nats = &dispatcher.nats;
     let subscribed = match queue {
-        Some(q) => {
-            nats.queue_subscribe(subject.to_string(), q.to_string())
-                .await
-        }
+        Some(q) => nats.queue_subscribe(subject.to_string(), q.to_string()).await,
         None => nats.subscribe(subject.to_string()).await,
     };
-    let mut sub = subscribed.map_err(|source| TriggerError::Subscribe {
-        subject: subject.to_string(),
-        source,
-    })?;
+    let mut sub = subscribed.map_err(|source| TriggerError::Subscribe { subject: subject.to_string(), source })?;
     let label = subject.to_string();
 
     Ok(tokio::spawn(async move {
@@ -58,7 +52,7 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.spawn(handler.clone(), msg, admission);
+            dispatcher.spawn(handler.clone(), Delivery::Core(msg), admission);
         }
         tracing::debug!(handler = %handler.manifest.name, subject = %label, "trigger stopped");
     }))

@@ -1,0 +1,80 @@
+//! `natsfn:host/acks`: the guest's say over the JetStream message it is
+//! handling.
+//!
+//! `ack` and `in-progress` go to the server at once, because a guest acks to
+//! say "done, whatever happens next" and signals progress to keep a long job
+//! alive. `nak` and `term` are recorded and applied when `handle` returns
+//! (see `settle`): a nak on the last allowed delivery and every term must go
+//! through the dead-letter path first, which needs the whole outcome.
+
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+
+use super::{CallError, Invocation};
+use crate::bindings::natsfn::host::acks::Host;
+use crate::bindings::WitError;
+
+/// The JetStream message of an invocation and what has been decided for it.
+pub(crate) struct JetStreamAck {
+    pub(crate) msg: async_nats::jetstream::Message,
+    pub(crate) decision: Decision,
+}
+
+/// What the guest decided about its message, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Nothing yet: the host settles by the outcome.
+    Undecided,
+    /// Acked (already sent).
+    Acked,
+    /// Deliver again, after this delay.
+    Nak(Option<Duration>),
+    /// Give up, for this reason.
+    Term(Option<String>),
+}
+
+impl Invocation {
+    /// The message's ack state, if it is undecided and from JetStream.
+    fn undecided(&mut self, call: &str) -> Result<&mut JetStreamAck, WitError> {
+        let js = self
+            .jetstream
+            .as_mut()
+            .ok_or_else(|| WitError::Invalid(format!("{call}: the message being handled is not from JetStream")))?;
+        match &js.decision {
+            Decision::Undecided => Ok(js),
+            done => Err(WitError::Invalid(format!("{call}: the message was already settled ({done:?})"))),
+        }
+    }
+}
+
+fn unavailable(e: async_nats::Error) -> CallError {
+    WitError::Unavailable(e.to_string()).into()
+}
+
+impl Host for Invocation {
+    async fn ack(&mut self) -> Result<(), CallError> {
+        let js = self.undecided("ack")?;
+        js.msg.ack().await.map_err(unavailable)?;
+        js.decision = Decision::Acked;
+        Ok(())
+    }
+
+    async fn nak(&mut self, delay_ms: Option<u32>) -> Result<(), CallError> {
+        let js = self.undecided("nak")?;
+        js.decision = Decision::Nak(delay_ms.map(|ms| Duration::from_millis(ms.into())));
+        Ok(())
+    }
+
+    async fn term(&mut self, reason: Option<String>) -> Result<(), CallError> {
+        let js = self.undecided("term")?;
+        js.decision = Decision::Term(reason);
+        Ok(())
+    }
+
+    async fn in_progress(&mut self) -> Result<(), CallError> {
+        let js = self.undecided("in-progress")?;
+        js.msg.ack_with(AckKind::Progress).await.map_err(unavailable)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Durable JetStream pull consumers: at-least-once delivery that survives
+//! host crashes and restarts.
+//!
+//! The host creates or updates the durable consumer to match the manifest
+//! (the stream itself only when the host may create streams), then pulls.
+//! Flow control is by permits: each pull asks for exactly as many messages
+//! as the handler has free concurrency slots (at most `batch`), so nothing
+//! sits in a buffer with its ack-wait clock running, and the server never
+//! has more than `max_concurrency` of this host's messages unacknowledged.
+//! A pull stays open until it is filled or expires, so messages published to
+//! an idle consumer are delivered the moment they arrive.
+//!
+//! Settling (ack, nak, term, dead letter) happens in `settle` once the
+//! invocation ends. Acks are published without waiting for each; shutdown
+//! flushes the connection so the server has them all before the host exits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::TriggerError;
+use crate::dispatch::{Delivery, Dispatcher, LoadedHandler};
+use crate::manifest::{DeliverFrom, JetStreamTrigger};
+
+/// How long one pull stays open waiting for messages. Short enough that a
+/// shutdown or a lost connection is noticed quickly, long enough that an
+/// idle consumer costs next to nothing.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Server heartbeats while a pull is open, to notice a dead connection.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Pause after a failed pull, doubling up to the maximum, so a server
+/// restart is ridden out without spinning.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+pub(super) async fn bind(
+    trigger: &JetStreamTrigger,
+    create_streams: bool,
+    handler: Arc<LoadedHandler>,
+    dispatcher: Dispatcher,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
+    let js = jetstream::new(dispatcher.nats.clone());
+    let stream = open_stream(&js, trigger, create_streams).await?;
+    let consumer: PullConsumer = stream.create_consumer(consumer_config(trigger)?).await.map_err(|source| {
+        TriggerError::Consumer { stream: trigger.stream.to_string(), durable: trigger.durable.to_string(), source }
+    })?;
+    let trigger = Arc::new(trigger.clone());
+    Ok(tokio::spawn(pull_loop(consumer, trigger, handler, dispatcher, shutdown)))
+}
+
+async fn open_stream(
+    js: &jetstream::Context,
+    t: &JetStreamTrigger,
+    create: bool,
+) -> Result<stream::Stream, TriggerError> {
+    let name = t.stream.to_string();
+    match js.get_stream(&name).await {
+        Ok(s) => Ok(s),
+        Err(source) if !create => Err(TriggerError::MissingStream { stream: name, source }),
+        Err(_) => {
+            if t.filters.is_empty() {
+                return Err(TriggerError::CreateStream {
+                    stream: name,
+                    reason: "the trigger has no `filter` to take the stream's subjects from".into(),
+                });
+            }
+            let config = stream::Config {
+                name: name.clone(),
+                subjects: t.filters.iter().map(ToString::to_string).collect(),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            };
+            tracing::info!(stream = %name, subjects = ?config.subjects, "creating stream");
+            js.get_or_create_stream(config)
+                .await
+                .map_err(|e| TriggerError::CreateStream { stream: name, reason: e.to_string() })
+        }
+    }
+}
+
+fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
+    let deliver_policy = match &t.deliver {
+        DeliverFrom::All => DeliverPolicy::All,
+        DeliverFrom::New => DeliverPolicy::New,
+        DeliverFrom::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence: *start_sequence },
+        DeliverFrom::Time(text) => DeliverPolicy::ByStartTime {
+            // Validated with the manifest; parsed again here to keep the
+            // manifest free of client types.
+            start_time: async_nats::datetime::parse_rfc3339(text).map_err(|e| TriggerError::CreateStream {
+                stream: t.stream.to_string(),
+                reason: format!("start_time: {e}"),
+            })?,
+        },
+    };
+    let mut filters: Vec<String> = t.filters.iter().map(ToString::to_string).collect();
+    let (filter_subject, filter_subjects) =
+        if filters.len() == 1 { (filters.remove(0), Vec::new()) } else { (String::new(), filters) };
+    Ok(pull::Config {
+        durable_name: Some(t.durable.to_string()),
+        deliver_policy,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: t.ack_wait,
+        max_deliver: i64::from(t.max_deliver),
+        backoff: t.backoff.clone(),
+        max_ack_pending: i64::from(t.max_ack_pending),
+        filter_subject,
+        filter_subjects,
+        ..Default::default()
+    })
+}
+
+async fn pull_loop(
+    consumer: PullConsumer,
+    trigger: Arc<JetStreamTrigger>,
+    handler: Arc<LoadedHandler>,
+    dispatcher: Dispatcher,
+    shutdown: CancellationToken,
+) {
+    let label = format!("{}/{}", trigger.stream, trigger.durable);
+    let mut retry = RETRY_FIRST;
+    'pull: loop {
+        // Wait for one free slot, then take whatever else is free right now.
+        let first = tokio::select! {
+            p = handler.permits.clone().acquire_owned() => p,
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(first) = first else { break };
+        let mut reserved = vec![first];
+        while reserved.len() < trigger.batch as usize {
+            match handler.permits.clone().try_acquire_owned() {
+                Ok(p) => reserved.push(p),
+                Err(_) => break,
+            }
+        }
+
+        let pull = consumer
+            .batch()
+            .max_messages(reserved.len())
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        let mut batch = match pull {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(consumer = %label, "cannot pull, retrying in {retry:?}: {e}");
+                if pause(&mut retry, &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                m = batch.next() => m,
+                () = shutdown.cancelled() => break 'pull,
+            };
+            match next {
+                None => break,
+                Some(Ok(msg)) => {
+                    retry = RETRY_FIRST;
+                    let Some(permit) = reserved.pop() else {
+                        // The server sent more than asked for; it will
+                        // redeliver what is not acked.
+                        tracing::warn!(consumer = %label, "pull returned more messages than requested");
+                        break;
+                    };
+                    let admission = tokio::select! {
+                        a = dispatcher.admit_reserved(permit) => a,
+                        () = dispatcher.abandon.cancelled() => break 'pull,
+                    };
+                    dispatcher.spawn(handler.clone(), Delivery::JetStream(Box::new(msg), trigger.clone()), admission);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = %label, "pull failed, retrying in {retry:?}: {e}");
+                    if pause(&mut retry, &shutdown).await {
+                        break 'pull;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(handler = %handler.manifest.name, consumer = %label, "trigger stopped");
+}
+
+/// Sleeps for `retry` (then doubles it); returns whether shutdown began.
+async fn pause(retry: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let stop = tokio::select! {
+        () = tokio::time::sleep(*retry) => false,
+        () = shutdown.cancelled() => true,
+    };
+    *retry = (*retry * 2).min(RETRY_MAX);
+    stop
+}

@@ -1,0 +1,459 @@
+//! JetStream consumer triggers end to end, on file storage: at-least-once
+//! across host crashes and server restarts, the outcome policy with dead
+//! letters, flow control, and the `acks` interface.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer, stream};
+use futures::StreamExt;
+use natsfn_e2e::*;
+
+/// Creates a file-backed stream.
+async fn make_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create stream {name}: {e}"))
+}
+
+/// Publishes `n` messages `prefix.<i>` with payload `<i>` and waits for
+/// every stream ack.
+async fn publish_numbered(js: &jetstream::Context, prefix: &str, n: usize) {
+    let acks = futures::stream::iter(0..n)
+        .map(|i| {
+            let js = js.clone();
+            let prefix = prefix.to_owned();
+            async move { js.publish(format!("{prefix}.{i}"), i.to_string().into()).await.unwrap().await.unwrap() }
+        })
+        .buffer_unordered(256)
+        .count()
+        .await;
+    assert_eq!(acks, n);
+}
+
+async fn stream_len(js: &jetstream::Context, name: &str) -> u64 {
+    try_stream_len(js, name).await.unwrap_or_else(|| panic!("read stream {name}"))
+}
+
+/// The stream's message count, or `None` while the server cannot answer.
+async fn try_stream_len(js: &jetstream::Context, name: &str) -> Option<u64> {
+    Some(js.get_stream(name).await.ok()?.info().await.ok()?.state.messages)
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn consumer(js: &jetstream::Context, stream: &str, durable: &str) -> PullConsumer {
+    js.get_stream(stream).await.unwrap().get_consumer(durable).await.unwrap()
+}
+
+/// Waits for a consumer to have nothing pending and nothing unacked.
+async fn drained(js: &jetstream::Context, stream: &str, durable: &str) -> jetstream::consumer::Info {
+    let mut c = consumer(js, stream, durable).await;
+    let start = Instant::now();
+    loop {
+        let info = c.info().await.unwrap().clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return info;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "consumer never drained: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const WORKER: &str = r#"
+[[trigger]]
+jetstream = { stream = "WORK", durable = "workers", filter = "work.>", ack_wait_ms = 2000 }
+[permissions]
+publish = ["results.>"]
+[config]
+results = "results.out"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "WORK", &["work.>"]).await;
+    make_stream(&js, "RESULTS", &["results.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", WORKER);
+    let host_a = start_host(&server, &dir).await;
+    let host_b = start_host(&server, &dir).await;
+
+    publish_numbered(&js, "work", 10_000).await;
+    eventually(Duration::from_secs(120), "10,000 results", || async { stream_len(&js, "RESULTS").await == 10_000 })
+        .await;
+    let info = drained(&js, "WORK", "workers").await;
+    assert_eq!(info.num_redelivered, 0, "nothing was delivered twice: {info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, 10_000);
+
+    let a = host_a.handler_stats("worker").unwrap();
+    let b = host_b.handler_stats("worker").unwrap();
+    assert_eq!(a.invocations + b.invocations, 10_000, "a: {a:?}, b: {b:?}");
+    assert!(a.invocations > 0 && b.invocations > 0, "both hosts took a share: a {a:?}, b {b:?}");
+    // The guest acks itself: the host must not ack again.
+    assert_eq!((a.acked, b.acked, a.ok + b.ok), (0, 0, 10_000));
+    host_a.shutdown().await;
+    host_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_killed_mid_stream_loses_nothing_after_restart() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "WORK", &["work.>"]).await;
+    make_stream(&js, "RESULTS", &["results.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", WORKER);
+    let spawn = || {
+        NatsfnProcess::spawn(
+            env!("CARGO_BIN_EXE_natsfn-cli"),
+            &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()],
+            &[],
+        )
+    };
+
+    let mut first = spawn();
+    first.wait_for(&["natsfn: ready"]);
+    publish_numbered(&js, "work", 10_000).await;
+    eventually(Duration::from_secs(60), "some progress", || async { stream_len(&js, "RESULTS").await >= 1_500 }).await;
+    first.kill9();
+    let done_by_first = stream_len(&js, "RESULTS").await;
+    assert!(done_by_first < 10_000, "the kill landed mid-stream ({done_by_first} done)");
+
+    let mut second = spawn();
+    second.wait_for(&["natsfn: ready"]);
+    // Results are deduplicated by the input's stream sequence, so the
+    // stream's count is the number of distinct inputs processed.
+    eventually(Duration::from_secs(120), "10,000 distinct results", || async {
+        stream_len(&js, "RESULTS").await == 10_000
+    })
+    .await;
+    drained(&js, "WORK", "workers").await;
+    let mut seen = HashSet::new();
+    let results = js.get_stream("RESULTS").await.unwrap();
+    for seq in 1..=10_000u64 {
+        let m = results.get_raw_message(seq).await.unwrap();
+        seen.insert(m.headers.get("source-seq").unwrap().as_str().to_owned());
+    }
+    assert_eq!(seen.len(), 10_000, "every input was processed");
+    second.signal("-TERM");
+    assert_eq!(second.wait_exit(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_rides_out_a_server_restart() {
+    let store = tempfile::tempdir().unwrap();
+    let mut server = NatsServer::builder().store_dir(store.path()).start().unwrap();
+    let port = server.port();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "WORK", &["work.>"]).await;
+    make_stream(&js, "RESULTS", &["results.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", WORKER);
+    let host = start_host(&server, &dir).await;
+
+    publish_numbered(&js, "work", 5_000).await;
+    eventually(Duration::from_secs(60), "some progress", || async { stream_len(&js, "RESULTS").await >= 500 }).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _server = NatsServer::builder().store_dir(store.path()).port(port).start().unwrap();
+
+    eventually(Duration::from_secs(120), "5,000 results after the restart", || async {
+        try_stream_len(&js, "RESULTS").await == Some(5_000)
+    })
+    .await;
+    drained(&js, "WORK", "workers").await;
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flaky_handler_is_retried_with_its_delay_then_dead_lettered() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "FLAKY", &["flaky.in.>"]).await;
+    make_stream(&js, "DLQ", &["dlq.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add(
+        "flaky",
+        "flaky",
+        "flaky",
+        r#"
+[[trigger]]
+jetstream = { stream = "FLAKY", durable = "flaky", filter = "flaky.in.>", max_deliver = 3, dead_letter = "dlq.flaky" }
+[permissions]
+publish = ["flaky.attempts"]
+[config]
+fail_times = 10
+retry_ms = 300
+"#,
+    )
+    .add(
+        "recovers",
+        "recovers",
+        "flaky",
+        r#"
+[[trigger]]
+jetstream = { stream = "FLAKY", durable = "recovers", filter = "flaky.in.recover", max_deliver = 3, dead_letter = "dlq.flaky" }
+[config]
+fail_times = 1
+"#,
+    );
+    let mut attempts = client.subscribe("flaky.attempts").await.unwrap();
+    client.flush().await.unwrap();
+    let host = start_host(&server, &dir).await;
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("x-original", "kept");
+    js.publish_with_headers("flaky.in.doomed", headers, "payload".into()).await.unwrap().await.unwrap();
+
+    let mut times = Vec::new();
+    for expected in 1..=3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), attempts.next()).await.unwrap().unwrap();
+        assert_eq!(text(&m), expected.to_string(), "delivery count seen by the guest");
+        times.push(Instant::now());
+    }
+    for gap in times.windows(2) {
+        assert!(gap[1] - gap[0] >= Duration::from_millis(250), "redelivered after the retry delay, not at once");
+    }
+
+    eventually(Duration::from_secs(10), "the dead letter", || async { stream_len(&js, "DLQ").await == 1 }).await;
+    let dead = js.get_stream("DLQ").await.unwrap().get_raw_message(1).await.unwrap();
+    let h = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    assert_eq!(dead.payload.as_ref(), b"payload");
+    assert_eq!(h("x-original"), "kept", "original headers are kept");
+    assert_eq!(h("Natsfn-Stream"), "FLAKY");
+    assert_eq!(h("Natsfn-Stream-Sequence"), "1");
+    assert_eq!(h("Natsfn-Consumer"), "flaky");
+    assert_eq!(h("Natsfn-Subject"), "flaky.in.doomed");
+    assert_eq!(h("Natsfn-Handler"), "flaky");
+    assert_eq!(h("Natsfn-Delivered"), "3");
+    assert!(h("Natsfn-Error").starts_with("gave up after 3 deliveries"), "{}", h("Natsfn-Error"));
+    drained(&js, "FLAKY", "flaky").await;
+
+    // A handler that fails once and then succeeds is acked, not dead-lettered.
+    js.publish("flaky.in.recover", "again".into()).await.unwrap().await.unwrap();
+    eventually(Duration::from_secs(10), "the recovering handler is acked", || async {
+        host.handler_stats("recovers").unwrap().acked == 1
+    })
+    .await;
+    let stats = host.handler_stats("recovers").unwrap();
+    assert_eq!((stats.invocations, stats.naked, stats.dead_lettered), (2, 1, 0));
+    assert_eq!(stream_len(&js, "DLQ").await, 1);
+    let flaky = host.handler_stats("flaky").unwrap();
+    assert_eq!((flaky.naked, flaky.dead_lettered), (2 + 1, 1), "the doomed one nak'ed twice; `recover` went to it too");
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trapping_handler_is_dead_lettered_at_once_or_retried_by_policy() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "JOBS", &["jobs.>"]).await;
+    make_stream(&js, "DLQ", &["dlq.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add(
+        "term",
+        "term",
+        "panicker",
+        "[[trigger]]\njetstream = { stream = \"JOBS\", durable = \"term\", filter = \"jobs.term\", dead_letter = \"dlq.term\" }",
+    )
+    .add(
+        "nak",
+        "nak",
+        "panicker",
+        "[[trigger]]\njetstream = { stream = \"JOBS\", durable = \"nak\", filter = \"jobs.nak\", max_deliver = 2, on_error = \"nak\", dead_letter = \"dlq.nak\" }",
+    );
+    let host = start_host(&server, &dir).await;
+    js.publish("jobs.term", "panic".into()).await.unwrap().await.unwrap();
+    js.publish("jobs.nak", "panic".into()).await.unwrap().await.unwrap();
+
+    eventually(Duration::from_secs(15), "two dead letters", || async { stream_len(&js, "DLQ").await == 2 }).await;
+    let dlq = js.get_stream("DLQ").await.unwrap();
+    let mut by_handler = std::collections::HashMap::new();
+    for seq in 1..=2 {
+        let m = dlq.get_raw_message(seq).await.unwrap();
+        let get = |n: &str| m.headers.get(n).unwrap().as_str().to_owned();
+        by_handler.insert(get("Natsfn-Handler"), (get("Natsfn-Delivered"), get("Natsfn-Error")));
+    }
+    let (delivered, error) = &by_handler["term"];
+    assert_eq!(delivered, "1", "on_error = term gives up on the first failure");
+    assert!(error.starts_with("handler trapped"), "{error}");
+    let (delivered, error) = &by_handler["nak"];
+    assert_eq!(delivered, "2", "on_error = nak retries until max_deliver");
+    assert!(error.starts_with("gave up after 2 deliveries: handler trapped"), "{error}");
+    assert_eq!(host.handler_stats("nak").unwrap().trapped, 2);
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_pending_never_exceeds_max_concurrency() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "SLOW", &["slow.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add(
+        "slow",
+        "slow",
+        "slow",
+        "[[trigger]]\njetstream = { stream = \"SLOW\", durable = \"slow\", batch = 10 }\n[limits]\nmax_concurrency = 2\n[config]\ndelay_ms = 100",
+    );
+    let host = start_host(&server, &dir).await;
+    publish_numbered(&js, "slow", 20).await;
+
+    let mut c = consumer(&js, "SLOW", "slow").await;
+    let mut peak = 0;
+    let start = Instant::now();
+    loop {
+        let info = c.info().await.unwrap().clone();
+        peak = peak.max(info.num_ack_pending);
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never finished: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!((1..=2).contains(&peak), "ack pending peaked at {peak}, bound is 2");
+    let stats = host.handler_stats("slow").unwrap();
+    assert_eq!((stats.acked, stats.peak_in_flight), (20, 2));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_drains_a_burst_promptly() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "WORK", &["work.>"]).await;
+    make_stream(&js, "RESULTS", &["results.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", WORKER);
+    let host = start_host(&server, &dir).await;
+
+    // Longer than a pull stays open, so the burst meets a re-issued pull.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    publish_numbered(&js, "work", 500).await;
+    // A stalled pull would sit until its expiry or longer; 10 s is generous
+    // for 500 trivial messages and far below any stall.
+    eventually(Duration::from_secs(10), "the burst is drained", || async { stream_len(&js, "RESULTS").await == 500 })
+        .await;
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn in_progress_keeps_a_long_job_from_being_redelivered() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "LONG", &["long"]).await;
+    let dir = HandlerDir::new();
+    dir.add(
+        "slow",
+        "slow",
+        "slow",
+        "[[trigger]]\njetstream = { stream = \"LONG\", durable = \"long\", ack_wait_ms = 700 }\n[config]\ndelay_ms = 2500\nprogress_ms = 200",
+    );
+    let host = start_host(&server, &dir).await;
+    js.publish("long", "job".into()).await.unwrap().await.unwrap();
+    let info = drained(&js, "LONG", "long").await;
+    assert_eq!(info.num_redelivered, 0);
+    let stats = host.handler_stats("slow").unwrap();
+    assert_eq!((stats.invocations, stats.acked), (1, 1), "one delivery, though the job took 3x the ack wait");
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn msg_id_makes_a_redelivered_write_idempotent() {
+    let server = nats();
+    let client = client(&server).await;
+    let js = jetstream::new(client.clone());
+    make_stream(&js, "WORK", &["work.>"]).await;
+    make_stream(&js, "RESULTS", &["results.>"]).await;
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", &format!("{WORKER}retry_first_delivery = \"true\"\n"));
+    let host = start_host(&server, &dir).await;
+    publish_numbered(&js, "work", 50).await;
+    drained(&js, "WORK", "workers").await;
+    let stats = host.handler_stats("worker").unwrap();
+    assert_eq!((stats.invocations, stats.naked), (100, 50), "every message written, retried and written again");
+    assert_eq!(stream_len(&js, "RESULTS").await, 50, "the second write of each was deduplicated");
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn acks_on_a_core_message_are_a_clear_error() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("worker", "worker", "jsworker", "[[trigger]]\nsubject = \"core.work\"");
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    assert_eq!(
+        text(&request(&client, "core.work", "x").await),
+        "invalid: ack: the message being handled is not from JetStream"
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_stream_is_named_unless_the_host_may_create_it() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add(
+        "worker",
+        "worker",
+        "jsworker",
+        "[[trigger]]\njetstream = { stream = \"NOPE\", durable = \"w\", filter = \"nope.>\" }",
+    );
+
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"still.serving\"");
+
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.unwrap();
+    let running = host.start().await.unwrap();
+    let errors: Vec<String> = running.load_errors().iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("worker.toml: handler worker: stream `NOPE`") && errors[0].contains("--create-streams"),
+        "{errors:?}"
+    );
+    let names: Vec<String> = running.handlers().iter().map(|h| h.name.to_string()).collect();
+    assert_eq!(names, vec!["echo"], "the others serve");
+    assert_eq!(text(&request(&client(&server).await, "still.serving", "yes").await), "yes");
+    running.shutdown().await;
+
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handlers_dir(dir.path())
+        .create_streams(true)
+        .build()
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let js = jetstream::new(client(&server).await);
+    let mut created = js.get_stream("NOPE").await.unwrap();
+    assert_eq!(created.info().await.unwrap().config.subjects, vec!["nope.>".to_string()]);
+    host.shutdown().await;
+}
