@@ -15,6 +15,10 @@ wasmtime::component::bindgen!({
     trappable_error_type: {
         "natsfn:host/types.error" => crate::hostcalls::CallError,
     },
+    with: {
+        "natsfn:host/object.reader": crate::hostcalls::ObjectReader,
+        "natsfn:host/object.writer": crate::hostcalls::ObjectWriter,
+    },
 });
 
 pub use self::natsfn::host::types::Error as WitError;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::buckets::{BucketKind, BucketSpec};
 use crate::local_server::NatsServer;
 use crate::Host;
 
@@ -77,6 +78,15 @@ struct RunArgs {
     #[arg(long, env = "NATSFN_CREATE_STREAMS")]
     create_streams: bool,
 
+    /// A KV bucket to create if missing: `NAME[:history=N,ttl=SECS,max_bytes=N,storage=file|memory]`.
+    /// Repeat for several.
+    #[arg(long = "kv-bucket", value_name = "SPEC", value_parser = |s: &str| BucketSpec::parse(BucketKind::Kv, s))]
+    kv_buckets: Vec<BucketSpec>,
+
+    /// An object bucket to create if missing: `NAME[:ttl=SECS,max_bytes=N,storage=file|memory]`.
+    #[arg(long = "object-bucket", value_name = "SPEC", value_parser = |s: &str| BucketSpec::parse(BucketKind::Object, s))]
+    object_buckets: Vec<BucketSpec>,
+
     /// Instances alive at once across all handlers (the instance pool size).
     #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES, env = "NATSFN_MAX_INSTANCES")]
     max_instances: u32,
@@ -127,7 +137,11 @@ async fn run(args: RunArgs) -> ExitCode {
         },
     };
 
-    let built = Host::builder()
+    let mut builder = Host::builder();
+    for spec in args.kv_buckets.into_iter().chain(args.object_buckets) {
+        builder = builder.bucket(spec);
+    }
+    let built = builder
         .nats_url(&url)
         .handlers_dir_all(args.handlers.dirs)
         .max_instances(args.max_instances)

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{Compiled, Engine};
-use crate::hostcalls::{Decision, Invocation, JetStreamAck};
+use crate::hostcalls::{Buckets, Decision, Invocation, JetStreamAck};
 use crate::manifest::{JetStreamTrigger, Manifest};
 use crate::{settle, wire};
 
@@ -80,6 +80,7 @@ pub(crate) struct Stats {
     naked: AtomicU64,
     termed: AtomicU64,
     dead_lettered: AtomicU64,
+    peak_memory: AtomicU64,
 }
 
 /// A snapshot of a handler's counters.
@@ -110,6 +111,8 @@ pub struct HandlerStats {
     pub termed: u64,
     /// JetStream messages published to the dead-letter subject, then termed.
     pub dead_lettered: u64,
+    /// The most linear memory any one instance of the handler held, in bytes.
+    pub peak_memory: u64,
 }
 
 impl Stats {
@@ -128,6 +131,7 @@ impl Stats {
             naked: get(&self.naked),
             termed: get(&self.termed),
             dead_lettered: get(&self.dead_lettered),
+            peak_memory: get(&self.peak_memory),
         }
     }
 
@@ -141,6 +145,10 @@ impl Stats {
 
     pub(crate) fn termed(&self) {
         self.termed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn memory(&self, bytes: usize) {
+        self.peak_memory.fetch_max(bytes as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn dead_lettered(&self) {
@@ -168,7 +176,8 @@ impl Stats {
 
 /// Runs `handler` for one delivery on a fresh instance and applies the
 /// outcome: a reply for core requests, ack/nak/term for JetStream.
-pub(crate) async fn invoke(engine: &Engine, nats: &async_nats::Client, handler: &LoadedHandler, delivery: Delivery) {
+pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, delivery: Delivery) {
+    let (engine, nats) = (&dispatcher.engine, &dispatcher.nats);
     handler.stats.started();
     let manifest = &handler.manifest;
     let deadline = Instant::now() + manifest.limits.timeout;
@@ -181,12 +190,19 @@ pub(crate) async fn invoke(engine: &Engine, nats: &async_nats::Client, handler: 
         Delivery::JetStream(msg, trigger) => {
             // The message's reply subject is its ack subject: not the
             // guest's to publish to.
-            let wit_msg = wire::jetstream_to_wit(&msg);
+            let wit_msg = wire::jetstream_to_wit(&msg, trigger.kv.as_ref());
             (wit_msg, None, Some(JetStreamAck { msg: *msg, decision: Decision::Undecided }), Some(trigger))
         }
     };
     let subject = wit_msg.subject.clone();
-    let calls = Invocation { manifest: manifest.clone(), nats: nats.clone(), deadline, jetstream };
+    let calls = Invocation {
+        manifest: manifest.clone(),
+        nats: nats.clone(),
+        deadline,
+        jetstream,
+        buckets: dispatcher.buckets.clone(),
+        table: wasmtime::component::ResourceTable::new(),
+    };
     let mut store = engine.store(calls);
 
     // The epoch callback stops guests that compute past the deadline; this
@@ -207,6 +223,7 @@ pub(crate) async fn invoke(engine: &Engine, nats: &async_nats::Client, handler: 
             Outcome::Ok
         }
     };
+    handler.stats.memory(store.data().peak_memory());
     let jetstream = store.data_mut().calls.jetstream.take();
     drop(store);
 
@@ -290,6 +307,8 @@ fn report(manifest: &Manifest, subject: &str, outcome: &Outcome) {
 pub(crate) struct Dispatcher {
     pub(crate) engine: Engine,
     pub(crate) nats: async_nats::Client,
+    /// KV and object buckets shared by every invocation.
+    pub(crate) buckets: Arc<Buckets>,
     /// One permit per pooled instance slot, so many handlers at their own
     /// concurrency limits can never exhaust the pool.
     pub(crate) instance_permits: Arc<tokio::sync::Semaphore>,
@@ -330,7 +349,7 @@ impl Dispatcher {
         let this = self.clone();
         self.invocations.spawn(async move {
             tokio::select! {
-                () = invoke(&this.engine, &this.nats, &handler, delivery) => {}
+                () = invoke(&this, &handler, delivery) => {}
                 () = this.abandon.cancelled() => {
                     tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
                         "invocation abandoned: still running at the shutdown deadline");

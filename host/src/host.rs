@@ -16,8 +16,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::buckets::BucketSpec;
 use crate::dispatch::{Dispatcher, HandlerStats, LoadedHandler};
 use crate::engine::{Engine, EngineError};
+use crate::hostcalls::Buckets;
 use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
 use crate::triggers::{self, TriggerError};
@@ -43,6 +45,14 @@ pub enum HostError {
         path: PathBuf,
         /// What the OS said.
         source: std::io::Error,
+    },
+    /// A declared bucket could not be created.
+    #[error("cannot create bucket `{name}`: {reason}")]
+    Bucket {
+        /// The bucket.
+        name: String,
+        /// The server's answer.
+        reason: String,
     },
     /// The WebAssembly engine could not be set up.
     #[error(transparent)]
@@ -117,9 +127,17 @@ pub struct HostBuilder {
     max_instances: u32,
     shutdown_timeout: Duration,
     create_streams: bool,
+    buckets: Vec<BucketSpec>,
 }
 
 impl HostBuilder {
+    /// Declares a KV or object bucket that the host creates at start-up if
+    /// it does not exist (an existing one is left as it is).
+    pub fn bucket(mut self, spec: BucketSpec) -> Self {
+        self.buckets.push(spec);
+        self
+    }
+
     /// Lets JetStream triggers create their stream (file storage, subjects
     /// from the trigger's `filter`) when it does not exist. Off by default:
     /// streams are usually an operator's decision, and a typo in a stream
@@ -199,6 +217,10 @@ impl HostBuilder {
                 (client, true)
             }
         };
+        let js = async_nats::jetstream::new(nats.clone());
+        for spec in &self.buckets {
+            spec.ensure(&js).await.map_err(|reason| HostError::Bucket { name: spec.name.to_string(), reason })?;
+        }
         let engine = Engine::new(self.max_instances).map_err(HostError::Engine)?;
 
         let (handlers, load_errors) = load_all(&engine, &self.dirs, self.inline).await?;
@@ -353,6 +375,7 @@ impl Host {
             max_instances: DEFAULT_MAX_INSTANCES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             create_streams: false,
+            buckets: Vec::new(),
         }
     }
 
@@ -378,6 +401,7 @@ impl Host {
         let dispatcher = Dispatcher {
             engine: self.engine,
             nats: self.nats.clone(),
+            buckets: Arc::new(Buckets::new(self.nats.clone())),
             instance_permits: Arc::new(tokio::sync::Semaphore::new(self.max_instances as usize)),
             invocations: TaskTracker::new(),
             abandon: CancellationToken::new(),

@@ -29,6 +29,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod bindings;
+pub mod buckets;
 pub mod cli;
 mod dispatch;
 pub mod engine;
@@ -44,6 +45,7 @@ pub mod telemetry;
 mod triggers;
 mod wire;
 
+pub use buckets::{BucketKind, BucketSpec};
 pub use dispatch::HandlerStats;
 pub use host::{HandlerInfo, Host, HostBuilder, HostError, LoadError, RunningHost, ShutdownReport};
 pub use local_server::NatsServer;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::limits::{self, Limits};
-use crate::permissions::Permissions;
+use crate::permissions::{Access, Permissions};
 use crate::subject::{Subject, SubjectPattern};
 
 /// A manifest that cannot be used, with the file and field at fault.
@@ -142,6 +142,10 @@ name_type!(
     /// A durable JetStream consumer name.
     ConsumerName
 );
+name_type!(
+    /// A KV or object-store bucket name.
+    BucketName
+);
 
 impl Default for TenantId {
     fn default() -> Self {
@@ -168,7 +172,10 @@ impl fmt::Display for Trigger {
         match self {
             Trigger::Subject { subject, queue: None } => write!(f, "subject {subject}"),
             Trigger::Subject { subject, queue: Some(q) } => write!(f, "subject {subject} (queue {q})"),
-            Trigger::JetStream(js) => write!(f, "jetstream {}/{}", js.stream, js.durable),
+            Trigger::JetStream(js) => match &js.kv {
+                Some(w) => write!(f, "kv-watch {} {} (durable {})", w.bucket, w.keys, js.durable),
+                None => write!(f, "jetstream {}/{}", js.stream, js.durable),
+            },
         }
     }
 }
@@ -184,6 +191,19 @@ pub enum DeliverFrom {
     Sequence(u64),
     /// The first message stored at or after this time (RFC 3339).
     Time(String),
+    /// The latest message of each subject (for a KV bucket: each key's
+    /// current value), then everything new.
+    LastPerSubject,
+}
+
+/// What a KV-watch trigger watches; the JetStream consumer underneath reads
+/// the bucket's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvWatch {
+    /// The bucket.
+    pub bucket: BucketName,
+    /// Keys, as a subject-style pattern (`>` for all).
+    pub keys: SubjectPattern,
 }
 
 /// What the host does with a message whose handler failed (`fail`, trap,
@@ -221,6 +241,9 @@ pub struct JetStreamTrigger {
     pub dead_letter: Option<Subject>,
     /// What a failed handler means for the message.
     pub on_error: OnError,
+    /// Set when this consumer watches a KV bucket: deliveries carry
+    /// `kv-meta`, and the host never creates the bucket's stream.
+    pub kv: Option<KvWatch>,
 }
 
 /// Defaults of a JetStream trigger, documented in the README.
@@ -280,6 +303,20 @@ struct RawTrigger {
     subject: Option<String>,
     queue: Option<String>,
     jetstream: Option<RawJetStream>,
+    kv_watch: Option<RawKvWatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKvWatch {
+    bucket: String,
+    keys: Option<String>,
+    #[serde(default)]
+    include_history: bool,
+    deliver: Option<String>,
+    durable: Option<String>,
+    max_deliver: Option<u32>,
+    dead_letter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -337,6 +374,10 @@ struct RawPermissions {
     publish: Vec<String>,
     #[serde(default)]
     request: Vec<String>,
+    #[serde(default)]
+    kv: BTreeMap<String, String>,
+    #[serde(default)]
+    object: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -394,30 +435,37 @@ impl Manifest {
         let mut triggers = Vec::with_capacity(raw.triggers.len());
         for (i, t) in raw.triggers.into_iter().enumerate() {
             let at = |field: &str| format!("trigger[{i}]{field}");
-            let trigger = match (t.subject, t.jetstream) {
-                (Some(subject), None) => {
+            let trigger = match (t.subject, t.jetstream, t.kv_watch) {
+                (Some(subject), None, None) => {
                     let subject = subject.parse().map_err(|e| field_err(&at(".subject"), format!("{e}")))?;
                     let queue = t.queue.map(|q| q.parse()).transpose().map_err(|p| field_err(&at(".queue"), p))?;
                     Trigger::Subject { subject, queue }
                 }
-                (None, Some(js)) => {
-                    if t.queue.is_some() {
-                        return Err(field_err(
-                            &at(".queue"),
-                            "applies to subject triggers; JetStream consumers share work through `durable`".into(),
-                        ));
-                    }
+                (None, js, watch) if t.queue.is_some() && (js.is_some() || watch.is_some()) => {
+                    return Err(field_err(
+                        &at(".queue"),
+                        "applies to subject triggers; JetStream consumers share work through `durable`".into(),
+                    ));
+                }
+                (None, Some(js), None) => {
                     let js = resolve_jetstream(js, &limits)
                         .map_err(|(field, p)| field_err(&at(&format!(".jetstream.{field}")), p))?;
                     Trigger::JetStream(js)
                 }
-                (Some(_), Some(_)) => {
+                (None, None, Some(w)) => {
+                    let js = resolve_kv_watch(w, &name, &limits)
+                        .map_err(|(field, p)| field_err(&at(&format!(".kv_watch.{field}")), p))?;
+                    Trigger::JetStream(js)
+                }
+                (None, None, None) => {
+                    return Err(field_err(&at(""), "needs one of `subject`, `jetstream`, `kv_watch`".into()))
+                }
+                _ => {
                     return Err(field_err(
                         &at(""),
-                        "has both `subject` and `jetstream`; use one per [[trigger]]".into(),
+                        "has more than one of `subject`, `jetstream`, `kv_watch`; use one per [[trigger]]".into(),
                     ))
                 }
-                (None, None) => return Err(field_err(&at(""), "needs `subject` or `jetstream`".into())),
             };
             triggers.push(trigger);
         }
@@ -428,9 +476,30 @@ impl Manifest {
                 .map(|(i, s)| s.parse().map_err(|e| field_err(&format!("{field}[{i}]"), format!("{e}"))))
                 .collect()
         };
+        let buckets =
+            |map: BTreeMap<String, String>, field: &str| -> Result<BTreeMap<BucketName, Access>, ManifestError> {
+                map.into_iter()
+                    .map(|(bucket, access)| {
+                        let name = bucket.parse().map_err(|p| field_err(&format!("{field}.{bucket}"), p))?;
+                        let access = match access.as_str() {
+                            "read" => Access::Read,
+                            "write" => Access::Write,
+                            other => {
+                                return Err(field_err(
+                                    &format!("{field}.{bucket}"),
+                                    format!("`{other}` is not one of read, write"),
+                                ))
+                            }
+                        };
+                        Ok((name, access))
+                    })
+                    .collect()
+            };
         let permissions = Permissions {
             publish: patterns(raw.permissions.publish, "permissions.publish")?,
             request: patterns(raw.permissions.request, "permissions.request")?,
+            kv: buckets(raw.permissions.kv, "permissions.kv")?,
+            object: buckets(raw.permissions.object, "permissions.object")?,
         };
 
         let mut config = BTreeMap::new();
@@ -547,6 +616,55 @@ fn resolve_jetstream(raw: RawJetStream, limits: &Limits) -> Result<JetStreamTrig
         max_ack_pending: positive(raw.max_ack_pending, "max_ack_pending", d::MAX_ACK_PENDING)?,
         dead_letter,
         on_error,
+        kv: None,
+    })
+}
+
+/// Checks a `kv_watch = {...}` table and turns it into the durable consumer
+/// on the bucket's stream that implements it.
+fn resolve_kv_watch(
+    raw: RawKvWatch,
+    handler: &HandlerName,
+    limits: &Limits,
+) -> Result<JetStreamTrigger, (String, String)> {
+    use jetstream_defaults as d;
+    let bucket: BucketName = raw.bucket.parse().map_err(|p| ("bucket".to_owned(), p))?;
+    let keys: SubjectPattern =
+        raw.keys.as_deref().unwrap_or(">").parse().map_err(|e| ("keys".to_owned(), format!("{e}")))?;
+    let deliver = match (raw.deliver.as_deref(), raw.include_history) {
+        (None | Some("last"), false) => DeliverFrom::LastPerSubject,
+        (None | Some("all"), true) | (Some("all"), false) => DeliverFrom::All,
+        (Some("new"), false) => DeliverFrom::New,
+        (Some(other @ ("last" | "new")), true) => {
+            return Err(("deliver".into(), format!("`{other}` contradicts include_history = true")))
+        }
+        (Some(other), _) => return Err(("deliver".into(), format!("`{other}` is not one of last, all, new"))),
+    };
+    let durable =
+        raw.durable.unwrap_or_else(|| format!("kvw-{handler}")).parse().map_err(|p| ("durable".to_owned(), p))?;
+    // The bucket's stream stores key `k` under `$KV.<bucket>.k`.
+    let filter = format!("$KV.{bucket}.{keys}").parse().map_err(|e| ("keys".to_owned(), format!("{e}")))?;
+    let stream = format!("KV_{bucket}").parse().map_err(|p| ("bucket".to_owned(), p))?;
+    let max_deliver = match raw.max_deliver {
+        Some(0) => return Err(("max_deliver".into(), "must be at least 1".into())),
+        Some(n) => n,
+        None => d::MAX_DELIVER,
+    };
+    let dead_letter =
+        raw.dead_letter.map(|s| s.parse()).transpose().map_err(|e| ("dead_letter".to_owned(), format!("{e}")))?;
+    Ok(JetStreamTrigger {
+        stream,
+        durable,
+        filters: vec![filter],
+        deliver,
+        ack_wait: d::ACK_WAIT,
+        max_deliver,
+        backoff: Vec::new(),
+        batch: limits.max_concurrency,
+        max_ack_pending: d::MAX_ACK_PENDING,
+        dead_letter,
+        on_error: OnError::Term,
+        kv: Some(KvWatch { bucket, keys }),
     })
 }
 
@@ -708,10 +826,32 @@ mod tests {
         assert!(js("stream = \"S\", durable = \"d\", on_error = \"panic\"").contains("jetstream.on_error: "));
         assert!(js("stream = \"S\"").contains("missing field `durable`"));
         assert!(err("name = \"w\"\n[[trigger]]\nsubject = \"x\"\njetstream = { stream = \"S\", durable = \"d\" }\n")
-            .contains("trigger[0]: has both"));
-        assert!(
-            err("name = \"w\"\n[[trigger]]\nqueue = \"q\"\n").contains("trigger[0]: needs `subject` or `jetstream`")
-        );
+            .contains("trigger[0]: has more than one of"));
+        assert!(err("name = \"w\"\n[[trigger]]\nqueue = \"q\"\n")
+            .contains("trigger[0]: needs one of `subject`, `jetstream`, `kv_watch`"));
+    }
+
+    #[test]
+    fn kv_watch_and_bucket_permissions_parse() {
+        let m = parse(
+            "name = \"mirror\"\n[[trigger]]\nkv_watch = { bucket = \"src\", keys = \"app.>\" }\n[permissions]\nkv = { src = \"read\", dst = \"write\" }\nobject = { images = \"read\" }\n",
+        )
+        .unwrap();
+        let Trigger::JetStream(js) = &m.triggers[0] else { panic!("not a consumer") };
+        assert_eq!(js.stream.as_str(), "KV_src");
+        assert_eq!(js.durable.as_str(), "kvw-mirror");
+        assert_eq!(js.filters[0].as_str(), "$KV.src.app.>");
+        assert_eq!(js.deliver, DeliverFrom::LastPerSubject);
+        assert_eq!(js.kv.as_ref().unwrap().bucket.as_str(), "src");
+        assert_eq!(m.permissions.kv.len(), 2);
+        assert_eq!(m.permissions.object[&"images".parse().unwrap()], Access::Read);
+
+        let e = err("name = \"m\"\n[[trigger]]\nsubject = \"x\"\n[permissions]\nkv = { src = \"admin\" }\n");
+        assert!(e.contains("permissions.kv.src: `admin` is not one of read, write"), "{e}");
+        let e = err("name = \"m\"\n[[trigger]]\nkv_watch = { bucket = \"a.b\" }\n");
+        assert!(e.contains("trigger[0].kv_watch.bucket: "), "{e}");
+        let e = err("name = \"m\"\n[[trigger]]\nkv_watch = { bucket = \"b\", keys = \"a..b\" }\n");
+        assert!(e.contains("trigger[0].kv_watch.keys: "), "{e}");
     }
 
     #[test]

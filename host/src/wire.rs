@@ -9,8 +9,9 @@ use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::bindings::natsfn::host::types::JetstreamMeta;
+use crate::bindings::natsfn::host::types::{JetstreamMeta, KvMeta, KvOperation};
 use crate::bindings::{Message, WitError};
+use crate::manifest::KvWatch;
 
 /// Flattens a NATS header map into `(name, value)` pairs, one per value.
 pub(crate) fn headers_to_wit(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
@@ -63,9 +64,10 @@ pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
     }
 }
 
-/// Turns a JetStream message into the WIT record, with its stream position.
-/// The reply subject is left out: for JetStream it is the ack subject.
-pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message) -> Message {
+/// Turns a JetStream message into the WIT record, with its stream position,
+/// and for a KV watch the key, revision and operation. The reply subject is
+/// left out: for JetStream it is the ack subject.
+pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message, watch: Option<&KvWatch>) -> Message {
     let jetstream = msg.info().ok().map(|info| JetstreamMeta {
         stream: info.stream.to_owned(),
         consumer: info.consumer.to_owned(),
@@ -75,13 +77,29 @@ pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message) -> Message 
         pending: info.pending,
         timestamp_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
     });
+    let kv = watch.map(|w| {
+        // The bucket stream stores key `k` under `$KV.<bucket>.k`; a delete
+        // or purge is a marker message with a `KV-Operation` header.
+        let prefix_len = "$KV.".len() + w.bucket.as_str().len() + 1;
+        let operation = match msg.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str()) {
+            Some("DEL") => KvOperation::Delete,
+            Some("PURGE") => KvOperation::Purge,
+            _ => KvOperation::Put,
+        };
+        KvMeta {
+            bucket: w.bucket.to_string(),
+            key: msg.subject.as_str().get(prefix_len..).unwrap_or_default().to_owned(),
+            revision: jetstream.as_ref().map_or(0, |j| j.stream_sequence),
+            operation,
+        }
+    });
     Message {
         headers: headers_to_wit(msg.headers.as_ref()),
         subject: msg.subject.to_string(),
         reply: None,
         payload: msg.payload.to_vec(),
         jetstream,
-        kv: None,
+        kv,
     }
 }
 

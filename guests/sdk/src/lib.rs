@@ -47,7 +47,7 @@ pub mod bindings {
 #[doc(hidden)]
 pub use wit_bindgen as __rt;
 
-pub use bindings::natsfn::host::{acks, config, log, messaging, types};
+pub use bindings::natsfn::host::{acks, config, kv, log, messaging, object, types};
 pub use bindings::{export_handler, Guest};
 pub use types::{Error, HandlerError, Header, Message, Reply};
 

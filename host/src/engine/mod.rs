@@ -82,6 +82,11 @@ impl StoreData {
     pub(crate) fn hit_memory_limit(&self) -> bool {
         self.limiter.hit
     }
+
+    /// The most linear memory the guest held during this invocation.
+    pub(crate) fn peak_memory(&self) -> usize {
+        self.limiter.peak
+    }
 }
 
 /// Refuses linear-memory growth past the handler's limit, the way the spec
@@ -90,6 +95,8 @@ impl StoreData {
 struct MemoryLimiter {
     max_bytes: usize,
     hit: bool,
+    /// The largest linear memory granted, for the handler's statistics.
+    peak: usize,
 }
 
 /// Table elements an instance may grow to; generous for real code, small
@@ -100,6 +107,9 @@ impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let ok = desired <= self.max_bytes;
         self.hit |= !ok;
+        if ok {
+            self.peak = self.peak.max(desired);
+        }
         Ok(ok)
     }
 
@@ -177,7 +187,7 @@ impl Engine {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limiter = MemoryLimiter { max_bytes: manifest.limits.memory_bytes, hit: false };
+        let limiter = MemoryLimiter { max_bytes: manifest.limits.memory_bytes, hit: false, peak: 0 };
         let data = StoreData { wasi, table: ResourceTable::new(), limiter, calls };
         let mut store = Store::new(&self.inner, data);
         store.limiter(|d| &mut d.limiter);

@@ -9,13 +9,18 @@
 //! interface testable and its reach obvious.
 
 mod acks;
+mod buckets;
 mod config;
+mod kv;
 mod log;
 mod messaging;
+mod object;
 mod types;
 
 pub(crate) use acks::{Decision, JetStreamAck};
+pub(crate) use buckets::Buckets;
 pub(crate) use log::GUEST_TARGET;
+pub use object::{ObjectReader, ObjectWriter};
 
 use std::sync::Arc;
 
@@ -35,6 +40,11 @@ pub struct Invocation {
     pub(crate) deadline: Instant,
     /// The JetStream message being handled, for the `acks` interface.
     pub(crate) jetstream: Option<JetStreamAck>,
+    /// KV and object buckets, opened once per host.
+    pub(crate) buckets: Arc<Buckets>,
+    /// Resources the guest holds (object readers and writers); dropped with
+    /// the invocation.
+    pub(crate) table: wasmtime::component::ResourceTable,
 }
 
 /// The error side of host calls that return the WIT `error` variant.

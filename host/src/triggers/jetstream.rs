@@ -47,7 +47,9 @@ pub(super) async fn bind(
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
     let js = jetstream::new(dispatcher.nats.clone());
-    let stream = open_stream(&js, trigger, create_streams).await?;
+    // A KV bucket's stream is the bucket: it is created as a bucket (host
+    // config), never as a plain stream.
+    let stream = open_stream(&js, trigger, create_streams && trigger.kv.is_none()).await?;
     let consumer: PullConsumer = stream.create_consumer(consumer_config(trigger)?).await.map_err(|source| {
         TriggerError::Consumer { stream: trigger.stream.to_string(), durable: trigger.durable.to_string(), source }
     })?;
@@ -89,6 +91,7 @@ fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
     let deliver_policy = match &t.deliver {
         DeliverFrom::All => DeliverPolicy::All,
         DeliverFrom::New => DeliverPolicy::New,
+        DeliverFrom::LastPerSubject => DeliverPolicy::LastPerSubject,
         DeliverFrom::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence: *start_sequence },
         DeliverFrom::Time(text) => DeliverPolicy::ByStartTime {
             // Validated with the manifest; parsed again here to keep the
