@@ -73,6 +73,15 @@ struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, env = "NATSFN_SHUTDOWN_TIMEOUT")]
     shutdown_timeout: u64,
 
+    /// Where compiled machine code is cached between runs (default: the
+    /// user's cache folder, `$XDG_CACHE_HOME/natsfn` or `~/.cache/natsfn`).
+    #[arg(long, value_name = "DIR", env = "NATSFN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile every component afresh, without the on-disk cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+
     /// Let JetStream triggers create a missing stream (file storage, subjects
     /// from the trigger's `filter`).
     #[arg(long, env = "NATSFN_CREATE_STREAMS")]
@@ -138,6 +147,11 @@ async fn run(args: RunArgs) -> ExitCode {
     };
 
     let mut builder = Host::builder();
+    if !args.no_cache {
+        if let Some(dir) = args.cache_dir.or_else(default_cache_dir) {
+            builder = builder.cache_dir(dir);
+        }
+    }
     for spec in args.kv_buckets.into_iter().chain(args.object_buckets) {
         builder = builder.bucket(spec);
     }
@@ -256,6 +270,14 @@ async fn send(args: SendArgs, request: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `$XDG_CACHE_HOME/natsfn`, else `~/.cache/natsfn`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("natsfn"))
 }
 
 /// Waits for SIGINT or SIGTERM and names the one that came.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::bindings::{HandlerError, Reply};
-use crate::engine::{Compiled, Engine};
+use crate::engine::{CacheOutcome, Compiled, Engine};
 use crate::hostcalls::{Buckets, Decision, Invocation, JetStreamAck};
 use crate::manifest::{JetStreamTrigger, Manifest};
 use crate::{settle, wire};
@@ -38,14 +38,16 @@ pub struct LoadedHandler {
     pub manifest: Arc<Manifest>,
     /// The compiled component and its version digest.
     pub compiled: Compiled,
+    /// Whether the compiled code came from the cache.
+    pub cache: CacheOutcome,
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     pub(crate) stats: Stats,
 }
 
 impl LoadedHandler {
-    pub(crate) fn new(manifest: Manifest, compiled: Compiled) -> Self {
+    pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
-        LoadedHandler { manifest: Arc::new(manifest), compiled, permits, stats: Stats::default() }
+        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Stats::default() }
     }
 }
 

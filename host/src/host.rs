@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::buckets::BucketSpec;
 use crate::dispatch::{Dispatcher, HandlerStats, LoadedHandler};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{CacheOutcome, Engine, EngineError};
 use crate::hostcalls::Buckets;
 use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
@@ -128,9 +128,18 @@ pub struct HostBuilder {
     shutdown_timeout: Duration,
     create_streams: bool,
     buckets: Vec<BucketSpec>,
+    cache_dir: Option<PathBuf>,
 }
 
 impl HostBuilder {
+    /// Keeps compiled machine code in `dir`, keyed by component hash and
+    /// engine settings, so a restart skips compiling unchanged components.
+    /// Off by default for embedders; the CLI uses the user's cache folder.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
     /// Declares a KV or object bucket that the host creates at start-up if
     /// it does not exist (an existing one is left as it is).
     pub fn bucket(mut self, spec: BucketSpec) -> Self {
@@ -221,7 +230,7 @@ impl HostBuilder {
         for spec in &self.buckets {
             spec.ensure(&js).await.map_err(|reason| HostError::Bucket { name: spec.name.to_string(), reason })?;
         }
-        let engine = Engine::new(self.max_instances).map_err(HostError::Engine)?;
+        let engine = Engine::new(self.max_instances, self.cache_dir).map_err(HostError::Engine)?;
 
         let (handlers, load_errors) = load_all(&engine, &self.dirs, self.inline).await?;
 
@@ -284,7 +293,7 @@ async fn load_all(
 /// Loads and compiles the handlers in `dirs` without connecting to NATS:
 /// what `natsfn validate` runs. Returns what loaded and what did not.
 pub async fn validate(dirs: &[PathBuf]) -> Result<(Vec<HandlerInfo>, Vec<LoadError>), HostError> {
-    let engine = Engine::new(1).map_err(HostError::Engine)?;
+    let engine = Engine::new(1, None).map_err(HostError::Engine)?;
     let (handlers, errors) = load_all(&engine, dirs, Vec::new()).await?;
     Ok((handlers.iter().map(|h| info(h)).collect(), errors))
 }
@@ -320,7 +329,7 @@ async fn load(
         .await
         .unwrap_or_else(|join| Err(EngineError::Compile(wasmtime::Error::msg(format!("compiler task failed: {join}")))))
         .map_err(|source| LoadError::Component { path, source })?;
-    Ok(LoadedHandler::new(manifest, compiled))
+    Ok(LoadedHandler::new(manifest, compiled.0, compiled.1))
 }
 
 fn log_loaded(h: &LoadedHandler) {
@@ -334,6 +343,7 @@ fn log_loaded(h: &LoadedHandler) {
         memory_mb = m.limits.memory_bytes >> 20,
         timeout_ms = m.limits.timeout.as_millis() as u64,
         max_concurrency = m.limits.max_concurrency,
+        cache = ?h.cache,
         "handler loaded"
     );
 }
@@ -363,6 +373,8 @@ pub struct HandlerInfo {
     pub triggers: Vec<Trigger>,
     /// Where its manifest came from.
     pub origin: PathBuf,
+    /// Whether its compiled code came from the cache.
+    pub cache: CacheOutcome,
 }
 
 impl Host {
@@ -376,6 +388,7 @@ impl Host {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             create_streams: false,
             buckets: Vec::new(),
+            cache_dir: None,
         }
     }
 
@@ -481,6 +494,7 @@ fn info(h: &LoadedHandler) -> HandlerInfo {
         version: h.compiled.digest.clone(),
         triggers: h.manifest.triggers.clone(),
         origin: h.manifest.origin.clone(),
+        cache: h.cache,
     }
 }
 

@@ -145,3 +145,36 @@ async fn the_embed_example_runs_inside_its_own_runtime() {
     let report = embedded.await.unwrap().unwrap();
     assert!(report.clean);
 }
+
+#[tokio::test]
+async fn a_restart_with_a_warm_cache_skips_compilation() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"cached\"");
+    let cache = tempfile::tempdir().unwrap();
+    let build = || async {
+        natsfn::Host::builder()
+            .nats_url(server.url())
+            .handlers_dir(dir.path())
+            .cache_dir(cache.path())
+            .build()
+            .await
+            .unwrap()
+    };
+    let outcome = |host: &natsfn::Host| host.handlers()[0].cache;
+
+    let cold = build().await;
+    assert_eq!(outcome(&cold), natsfn::engine::CacheOutcome::Miss);
+    let warm = build().await;
+    assert_eq!(outcome(&warm), natsfn::engine::CacheOutcome::Hit, "the second start loads compiled code");
+    let running = warm.start().await.unwrap();
+    assert_eq!(text(&request(&client(&server).await, "cached", "from cache").await), "from cache");
+    running.shutdown().await;
+
+    // A damaged entry is ignored and replaced, never trusted.
+    for entry in std::fs::read_dir(cache.path()).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+    }
+    assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Miss);
+    assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Hit);
+}

@@ -6,6 +6,7 @@
 //! Two inspection commands let tests read the bucket through the guest API:
 //! payload `keys <filter>` replies with the matching keys, sorted and
 //! comma-separated; `history <key> <max>` replies with `revision=value` pairs.
+//! `bench <n>` makes n puts and then n gets, for the KV benchmark.
 
 use natsfn_guest::{config_or, fail, kv, Error, Guest, HandleResult, Message};
 
@@ -38,6 +39,17 @@ impl Guest for KvCounter {
                 let pairs: Vec<String> =
                     entries.iter().map(|e| format!("{}={}", e.revision, String::from_utf8_lossy(&e.value))).collect();
                 return natsfn_guest::reply(pairs.join(","));
+            }
+            // For the benchmark: n puts, then n gets, one host call each.
+            ["bench", n] => {
+                let n: u32 = n.parse().unwrap_or(0);
+                for i in 0..n {
+                    kv::put(&bucket, &format!("bench.{i}"), b"0123456789abcdef").map_err(|e| fail(&e))?;
+                }
+                for i in 0..n {
+                    kv::get(&bucket, &format!("bench.{i}")).map_err(|e| fail(&e))?;
+                }
+                return natsfn_guest::reply("ok");
             }
             _ => {}
         }

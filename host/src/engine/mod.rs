@@ -18,7 +18,11 @@
 //!   the filesystem and socket interfaces through std whether they use them
 //!   or not, so those are linked, but they reach nothing.
 
+mod cache;
 mod stdio;
+
+pub use cache::CacheOutcome;
+use cache::CodeCache;
 
 use std::sync::Arc;
 use std::thread;
@@ -123,11 +127,13 @@ impl ResourceLimiter for MemoryLimiter {
 pub struct Engine {
     inner: wasmtime::Engine,
     linker: Arc<Linker<StoreData>>,
+    cache: Option<CodeCache>,
 }
 
 impl Engine {
-    /// Builds an engine whose pool holds `max_instances` live instances.
-    pub fn new(max_instances: u32) -> Result<Engine, EngineError> {
+    /// Builds an engine whose pool holds `max_instances` live instances,
+    /// caching compiled code in `cache_dir` when given.
+    pub fn new(max_instances: u32, cache_dir: Option<std::path::PathBuf>) -> Result<Engine, EngineError> {
         let mut pool = PoolingAllocationConfig::new();
         // A Rust guest is one main core module plus a few small shims; leave
         // room for components made of several modules.
@@ -162,17 +168,28 @@ impl Engine {
         hostcalls::add_to_linker(&mut linker, |d: &mut StoreData| &mut d.calls).map_err(EngineError::Config)?;
 
         spawn_epoch_ticker(&inner).map_err(EngineError::Ticker)?;
-        Ok(Engine { inner, linker: Arc::new(linker) })
+        Ok(Engine { inner, linker: Arc::new(linker), cache: cache_dir.map(CodeCache::new) })
     }
 
-    /// Compiles `wasm` and links it against natsfn's imports. CPU-heavy: call
-    /// it off the async runtime's worker threads.
-    pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, EngineError> {
-        let component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
+    /// Compiles `wasm` (or loads it from the compiled-code cache) and links
+    /// it against natsfn's imports. CPU-heavy on a miss: call it off the
+    /// async runtime's worker threads.
+    pub fn compile(&self, wasm: &[u8]) -> Result<(Compiled, CacheOutcome), EngineError> {
+        let digest: String = Sha256::digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
+        let cached = self.cache.as_ref().and_then(|c| c.load(&self.inner, &digest));
+        let (component, outcome) = match cached {
+            Some(component) => (component, CacheOutcome::Hit),
+            None => {
+                let component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
+                if let Some(cache) = &self.cache {
+                    cache.store(&self.inner, &digest, &component);
+                }
+                (component, CacheOutcome::Miss)
+            }
+        };
         let instance_pre = self.linker.instantiate_pre(&component).map_err(EngineError::World)?;
         let pre = HandlerPre::new(instance_pre).map_err(EngineError::World)?;
-        let digest = Sha256::digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Compiled { pre, digest })
+        Ok((Compiled { pre, digest }, outcome))
     }
 
     /// A fresh store for one invocation, with the handler's memory limit and
