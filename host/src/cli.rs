@@ -24,6 +24,9 @@ pub struct Cli {
 enum Command {
     /// Load handlers and serve them until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// `run --watch` for development: reloads handlers as you rebuild them
+    /// and prints what changed; starts a local nats-server unless --nats.
+    Dev(RunArgs),
     /// Check manifests and components without connecting to NATS.
     Validate(HandlerDirs),
     /// Send one request and print the reply: a small NATS client for trying
@@ -51,7 +54,7 @@ struct SendArgs {
     timeout: u64,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct HandlerDirs {
     /// A directory of handlers: `<name>.toml` manifests beside their `.wasm`,
     /// or folders holding a `natsfn.toml`. Repeat for several directories.
@@ -59,7 +62,7 @@ struct HandlerDirs {
     dirs: Vec<PathBuf>,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct RunArgs {
     #[command(flatten)]
     handlers: HandlerDirs,
@@ -68,6 +71,10 @@ struct RunArgs {
     /// JetStream, on a free loopback port) and stops it on exit.
     #[arg(long, value_name = "URL", env = "NATSFN_NATS")]
     nats: Option<String>,
+
+    /// Reload handlers when their manifests or components change.
+    #[arg(long, env = "NATSFN_WATCH")]
+    watch: bool,
 
     /// Seconds to wait for in-flight invocations on shutdown.
     #[arg(long, value_name = "SECS", default_value_t = 10, env = "NATSFN_SHUTDOWN_TIMEOUT")]
@@ -117,6 +124,7 @@ impl Cli {
         };
         match cli.command {
             Command::Run(args) => runtime.block_on(run(args)),
+            Command::Dev(args) => runtime.block_on(run(RunArgs { watch: true, ..args })),
             Command::Validate(dirs) => runtime.block_on(validate(dirs)),
             Command::Request(args) => runtime.block_on(send(args, true)),
             Command::Publish(args) => runtime.block_on(send(args, false)),
@@ -173,8 +181,8 @@ async fn run(args: RunArgs) -> ExitCode {
     for e in host.load_errors() {
         eprintln!("natsfn: skipped: {e}");
     }
-    if host.handlers().is_empty() {
-        eprintln!("natsfn: no handler could be loaded, nothing to run");
+    if host.handlers().is_empty() && !args.watch {
+        eprintln!("natsfn: no handler could be loaded, nothing to run (use --watch to wait for some)");
         return ExitCode::from(2);
     }
     let host_errors = host.load_errors().len();
@@ -188,7 +196,7 @@ async fn run(args: RunArgs) -> ExitCode {
     for e in running.load_errors().iter().skip(host_errors) {
         eprintln!("natsfn: not started: {e}");
     }
-    if running.handlers().is_empty() {
+    if running.handlers().is_empty() && !args.watch {
         eprintln!("natsfn: no handler could be started, nothing to run");
         running.shutdown().await;
         return ExitCode::from(2);
@@ -202,6 +210,33 @@ async fn run(args: RunArgs) -> ExitCode {
             &h.version[..12],
             triggers.join(", ")
         );
+    }
+    if args.watch {
+        let watching = running.watch(|report| {
+            for c in &report.changes {
+                let version = c.version.get(..12).unwrap_or("-");
+                println!(
+                    "natsfn: {:?} {} (tenant {}) version {version}: compile {:.1} ms{}, swap {:.1} ms",
+                    c.kind,
+                    c.handler,
+                    c.tenant,
+                    c.compile.as_secs_f64() * 1e3,
+                    if c.cache == Some(crate::engine::CacheOutcome::Hit) { " (cached)" } else { "" },
+                    c.swap.as_secs_f64() * 1e3,
+                );
+            }
+            for e in &report.errors {
+                println!("natsfn: reload error, previous version keeps serving: {e}");
+            }
+        });
+        match watching {
+            Ok(()) => println!("natsfn: watching for changes"),
+            Err(e) => {
+                eprintln!("natsfn: {e}");
+                running.shutdown().await;
+                return ExitCode::from(2);
+            }
+        }
     }
     println!("natsfn: ready, nats {url}");
 

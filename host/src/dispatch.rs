@@ -41,13 +41,26 @@ pub struct LoadedHandler {
     /// Whether the compiled code came from the cache.
     pub cache: CacheOutcome,
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
-    pub(crate) stats: Stats,
+    /// Shared by every version of the handler, so counters survive reloads.
+    pub(crate) stats: Arc<Stats>,
 }
 
 impl LoadedHandler {
     pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
-        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Stats::default() }
+        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default() }
+    }
+
+    /// The next version of `self`'s handler. It shares the counters, and the
+    /// concurrency permits unless `max_concurrency` changed, so the limit
+    /// holds across old and new versions while both have work in flight.
+    pub(crate) fn successor(&self, manifest: Manifest, compiled: Compiled, cache: CacheOutcome) -> Self {
+        let mut next = LoadedHandler::new(manifest, compiled, cache);
+        next.stats = self.stats.clone();
+        if next.manifest.limits.max_concurrency == self.manifest.limits.max_concurrency {
+            next.permits = self.permits.clone();
+        }
+        next
     }
 }
 

@@ -8,6 +8,7 @@
 //! invocations already admitted finish or are abandoned at the deadline, and
 //! the connection is flushed so their replies and publishes are not lost.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +23,9 @@ use crate::engine::{CacheOutcome, Engine, EngineError};
 use crate::hostcalls::Buckets;
 use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
-use crate::triggers::{self, TriggerError};
+use crate::registry::{Binding, HandlerSlot};
+use crate::reload::{Entry, HandlerKey, Registry, ReloadError, ReloadReport, Reloader};
+use crate::triggers::TriggerError;
 
 /// Why a host could not be built or started.
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +235,7 @@ impl HostBuilder {
         }
         let engine = Engine::new(self.max_instances, self.cache_dir).map_err(HostError::Engine)?;
 
-        let (handlers, load_errors) = load_all(&engine, &self.dirs, self.inline).await?;
+        let (handlers, load_errors, fingerprints) = load_all(&engine, &self.dirs, self.inline).await?;
 
         Ok(Host {
             engine,
@@ -243,6 +246,8 @@ impl HostBuilder {
             max_instances: self.max_instances,
             shutdown_timeout: self.shutdown_timeout,
             create_streams: self.create_streams,
+            dirs: self.dirs,
+            fingerprints,
         })
     }
 }
@@ -253,7 +258,7 @@ async fn load_all(
     engine: &Engine,
     dirs: &[PathBuf],
     inline: Vec<InlineHandler>,
-) -> Result<(Vec<Arc<LoadedHandler>>, Vec<LoadError>), HostError> {
+) -> Result<(Vec<Arc<LoadedHandler>>, Vec<LoadError>, HashMap<HandlerKey, String>), HostError> {
     // A manifest, with its component bytes when they were given inline.
     type Candidate = Result<(Manifest, Option<Vec<u8>>), LoadError>;
     let mut candidates: Vec<Candidate> = Vec::new();
@@ -271,14 +276,18 @@ async fn load_all(
 
     let mut handlers: Vec<Arc<LoadedHandler>> = Vec::new();
     let mut load_errors = Vec::new();
+    let mut fingerprints = HashMap::new();
     for candidate in candidates {
         let loaded = match candidate {
             Ok((manifest, wasm)) => load(engine, manifest, wasm, &handlers).await,
             Err(e) => Err(e),
         };
         match loaded {
-            Ok(h) => {
+            Ok((h, fingerprint)) => {
                 log_loaded(&h);
+                if let Some(fp) = fingerprint {
+                    fingerprints.insert((h.manifest.tenant.clone(), h.manifest.name.clone()), fp);
+                }
                 handlers.push(Arc::new(h));
             }
             Err(e) => {
@@ -287,26 +296,27 @@ async fn load_all(
             }
         }
     }
-    Ok((handlers, load_errors))
+    Ok((handlers, load_errors, fingerprints))
 }
 
 /// Loads and compiles the handlers in `dirs` without connecting to NATS:
 /// what `natsfn validate` runs. Returns what loaded and what did not.
 pub async fn validate(dirs: &[PathBuf]) -> Result<(Vec<HandlerInfo>, Vec<LoadError>), HostError> {
     let engine = Engine::new(1, None).map_err(HostError::Engine)?;
-    let (handlers, errors) = load_all(&engine, dirs, Vec::new()).await?;
+    let (handlers, errors, _) = load_all(&engine, dirs, Vec::new()).await?;
     Ok((handlers.iter().map(|h| info(h)).collect(), errors))
 }
 
 /// Reads (if needed) and compiles one handler's component off the async
 /// worker threads, and rejects a name already taken by a handler given
-/// another way (directories check duplicates among themselves).
+/// another way (directories check duplicates among themselves). Handlers
+/// from files come with their fingerprint, which reload compares.
 async fn load(
     engine: &Engine,
     manifest: Manifest,
     wasm: Option<Vec<u8>>,
     loaded: &[Arc<LoadedHandler>],
-) -> Result<LoadedHandler, LoadError> {
+) -> Result<(LoadedHandler, Option<String>), LoadError> {
     if let Some(first) =
         loaded.iter().find(|h| h.manifest.name == manifest.name && h.manifest.tenant == manifest.tenant)
     {
@@ -317,19 +327,29 @@ async fn load(
             first: first.manifest.origin.clone(),
         }));
     }
-    let path = manifest.component.clone().unwrap_or_else(|| manifest.origin.clone());
-    let wasm = match wasm {
-        Some(w) => w,
+    let (wasm, fingerprint) = match wasm {
+        Some(w) => (w, None),
         None => {
-            tokio::fs::read(&path).await.map_err(|source| LoadError::ReadComponent { path: path.clone(), source })?
+            let (wasm, fingerprint) = crate::reload::read_sources(&manifest).await?;
+            (wasm, Some(fingerprint))
         }
     };
+    let path = manifest.component.clone().unwrap_or_else(|| manifest.origin.clone());
+    let (compiled, cache) = compile(engine, wasm, path).await?;
+    Ok((LoadedHandler::new(manifest, compiled, cache), fingerprint))
+}
+
+/// Compiles on a blocking thread; `path` names the component in errors.
+pub(crate) async fn compile(
+    engine: &Engine,
+    wasm: Vec<u8>,
+    path: PathBuf,
+) -> Result<(crate::engine::Compiled, CacheOutcome), LoadError> {
     let engine = engine.clone();
-    let compiled = tokio::task::spawn_blocking(move || engine.compile(&wasm))
+    tokio::task::spawn_blocking(move || engine.compile(&wasm))
         .await
         .unwrap_or_else(|join| Err(EngineError::Compile(wasmtime::Error::msg(format!("compiler task failed: {join}")))))
-        .map_err(|source| LoadError::Component { path, source })?;
-    Ok(LoadedHandler::new(manifest, compiled.0, compiled.1))
+        .map_err(|source| LoadError::Component { path, source })
 }
 
 fn log_loaded(h: &LoadedHandler) {
@@ -358,6 +378,9 @@ pub struct Host {
     max_instances: u32,
     shutdown_timeout: Duration,
     create_streams: bool,
+    dirs: Vec<PathBuf>,
+    /// Fingerprints of the handlers loaded from files, for reload.
+    fingerprints: HashMap<HandlerKey, String>,
 }
 
 /// What the host knows about one loaded handler.
@@ -420,39 +443,19 @@ impl Host {
             abandon: CancellationToken::new(),
         };
         // A handler whose trigger cannot be bound (a missing stream, say)
-        // is unbound again and reported; the others serve regardless.
-        let mut triggers = Vec::new();
-        let mut running = Vec::new();
+        // is reported and left out; the others serve regardless.
+        let mut registry = Registry::default();
         let mut load_errors = self.load_errors;
         for handler in self.handlers {
-            let handler_stop = shutdown.child_token();
-            let mut bound = Vec::new();
-            let mut failed = None;
-            for trigger in &handler.manifest.triggers {
-                let result = triggers::bind(
-                    trigger,
-                    self.create_streams,
-                    handler.clone(),
-                    dispatcher.clone(),
-                    handler_stop.clone(),
-                )
-                .await;
-                match result {
-                    Ok(task) => bound.push(task),
-                    Err(source) => {
-                        failed = Some(source);
-                        break;
-                    }
+            let key = (handler.manifest.tenant.clone(), handler.manifest.name.clone());
+            let slot = HandlerSlot::new(handler.clone());
+            match Binding::bind(&slot, &handler.manifest.triggers, self.create_streams, &dispatcher, &shutdown).await {
+                Ok(binding) => {
+                    let fingerprint = self.fingerprints.get(&key).cloned().unwrap_or_default();
+                    let from_dir = self.fingerprints.contains_key(&key);
+                    registry.insert(key, Entry { slot, binding, fingerprint, from_dir });
                 }
-            }
-            match failed {
-                None => {
-                    triggers.extend(bound);
-                    running.push(handler);
-                }
-                Some(source) => {
-                    handler_stop.cancel();
-                    futures::future::join_all(bound).await;
+                Err(source) => {
                     let e = LoadError::Bind {
                         path: handler.manifest.origin.clone(),
                         handler: handler.manifest.name.clone(),
@@ -466,15 +469,23 @@ impl Host {
         if let Err(e) = self.nats.flush().await {
             tracing::warn!("cannot flush subscriptions to the server: {e}");
         }
-        tracing::info!(handlers = running.len(), triggers = triggers.len(), "natsfn ready");
+        let triggers: usize = registry.values().map(|e| e.binding.len()).sum();
+        tracing::info!(handlers = registry.len(), triggers, "natsfn ready");
+        let reloader = Arc::new(Reloader {
+            registry: std::sync::Mutex::new(registry),
+            reload_lock: tokio::sync::Mutex::new(()),
+            dirs: self.dirs,
+            create_streams: self.create_streams,
+            dispatcher: dispatcher.clone(),
+            shutdown: shutdown.clone(),
+        });
         Ok(RunningHost {
             nats: self.nats,
             owns_connection: self.owns_connection,
-            handlers: running,
             load_errors,
+            reloader,
             dispatcher,
             shutdown,
-            triggers,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -487,7 +498,7 @@ impl Host {
     }
 }
 
-fn info(h: &LoadedHandler) -> HandlerInfo {
+pub(crate) fn info(h: &LoadedHandler) -> HandlerInfo {
     HandlerInfo {
         name: h.manifest.name.clone(),
         tenant: h.manifest.tenant.clone(),
@@ -502,11 +513,10 @@ fn info(h: &LoadedHandler) -> HandlerInfo {
 pub struct RunningHost {
     nats: async_nats::Client,
     owns_connection: bool,
-    handlers: Vec<Arc<LoadedHandler>>,
     load_errors: Vec<LoadError>,
+    reloader: Arc<Reloader>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
-    triggers: Vec<tokio::task::JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -526,19 +536,34 @@ impl RunningHost {
         &self.load_errors
     }
 
-    /// The handlers that are serving.
+    /// The handlers that are serving, in name order.
     pub fn handlers(&self) -> Vec<HandlerInfo> {
-        self.handlers.iter().map(|h| info(h)).collect()
+        self.reloader.current().iter().map(|h| info(h)).collect()
     }
 
-    /// Counters of every handler, by name and tenant.
+    /// Counters of every handler.
     pub fn stats(&self) -> Vec<(HandlerInfo, HandlerStats)> {
-        self.handlers.iter().map(|h| (info(h), h.stats.snapshot())).collect()
+        self.reloader.current().iter().map(|h| (info(h), h.stats.snapshot())).collect()
     }
 
     /// Counters of the handler named `name` (in any tenant).
     pub fn handler_stats(&self, name: &str) -> Option<HandlerStats> {
-        self.handlers.iter().find(|h| h.manifest.name.as_str() == name).map(|h| h.stats.snapshot())
+        self.reloader.current().iter().find(|h| h.manifest.name.as_str() == name).map(|h| h.stats.snapshot())
+    }
+
+    /// Re-reads the handlers directories and applies what changed: new
+    /// handlers are bound, changed ones swapped (or rebound when their
+    /// triggers changed), removed ones drained and unbound. A file that does
+    /// not load leaves the version that was serving in place.
+    pub async fn reload(&self) -> ReloadReport {
+        self.reloader.reload().await
+    }
+
+    /// Watches the handlers directories (and the folders of their
+    /// components) and reloads when a manifest or component changes, until
+    /// shutdown. `on_reload` sees every report, e.g. to print it.
+    pub fn watch(&self, on_reload: impl Fn(&ReloadReport) + Send + 'static) -> Result<(), ReloadError> {
+        crate::reload::watch(self.reloader.clone(), on_reload)
     }
 
     /// Stops taking messages, lets in-flight invocations finish until the
@@ -546,7 +571,7 @@ impl RunningHost {
     pub async fn shutdown(self) -> ShutdownReport {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.shutdown.cancel();
-        let triggers_done = futures::future::join_all(self.triggers);
+        let triggers_done = self.reloader.unbind_all();
         let tracker = self.dispatcher.invocations.clone();
         let mut clean = tokio::time::timeout_at(deadline, async {
             triggers_done.await;

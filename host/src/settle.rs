@@ -85,8 +85,11 @@ pub(crate) async fn settle(
     };
 
     let sent = match action {
-        Action::Ack => js.msg.ack().await.map(|()| stats.acked()),
-        Action::Nak(delay) => js.msg.ack_with(AckKind::Nak(delay)).await.map(|()| stats.naked()),
+        // Every settlement is confirmed, so the server has counted it before
+        // this slot is reused for the next pull: ack-pending never exceeds
+        // the slots, and shutdown has nothing unconfirmed left to flush.
+        Action::Ack => js.msg.double_ack().await.map(|()| stats.acked()),
+        Action::Nak(delay) => js.msg.double_ack_with(AckKind::Nak(delay)).await.map(|()| stats.naked()),
         Action::GiveUp(why) => give_up(&js, trigger, manifest, nats, delivered, &why, stats).await,
     };
     if let Err(e) = sent {
@@ -133,7 +136,7 @@ async fn give_up(
     let Some(dlq) = &trigger.dead_letter else {
         tracing::error!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence, delivered,
             "message terminated (no dead_letter subject configured): {why}");
-        js.msg.ack_with(AckKind::Term).await?;
+        js.msg.double_ack_with(AckKind::Term).await?;
         stats.termed();
         return Ok(());
     };
@@ -153,14 +156,14 @@ async fn give_up(
         Ok(()) => {
             tracing::warn!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence, delivered,
                 dead_letter = %dlq, "message dead-lettered: {why}");
-            js.msg.ack_with(AckKind::Term).await?;
+            js.msg.double_ack_with(AckKind::Term).await?;
             stats.dead_lettered();
             Ok(())
         }
         Err(e) => {
             tracing::error!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence,
                 dead_letter = %dlq, "cannot dead-letter message, keeping it in the stream: {e}");
-            js.msg.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await?;
+            js.msg.double_ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await?;
             stats.naked();
             Ok(())
         }

@@ -1,7 +1,7 @@
 //! `natsfn:host/acks`: the guest's say over the JetStream message it is
 //! handling.
 //!
-//! `ack` and `in-progress` go to the server at once, because a guest acks to
+//! `ack` (confirmed by the server) and `in-progress` go out at once, because a guest acks to
 //! say "done, whatever happens next" and signals progress to keep a long job
 //! alive. `nak` and `term` are recorded and applied when `handle` returns
 //! (see `settle`): a nak on the last allowed delivery and every term must go
@@ -55,7 +55,9 @@ fn unavailable(e: async_nats::Error) -> CallError {
 impl Host for Invocation {
     async fn ack(&mut self) -> Result<(), CallError> {
         let js = self.undecided("ack")?;
-        js.msg.ack().await.map_err(unavailable)?;
+        // Confirmed: a guest that acks before doing something irreversible
+        // learns here if the ack did not land.
+        js.msg.double_ack().await.map_err(unavailable)?;
         js.decision = Decision::Acked;
         Ok(())
     }

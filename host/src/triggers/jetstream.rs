@@ -7,12 +7,15 @@
 //! as the handler has free concurrency slots (at most `batch`), so nothing
 //! sits in a buffer with its ack-wait clock running, and the server never
 //! has more than `max_concurrency` of this host's messages unacknowledged.
-//! A pull stays open until it is filled or expires, so messages published to
-//! an idle consumer are delivered the moment they arrive.
+//! Under load a pull waits for half a batch of free slots, so the round trip
+//! of one pull overlaps the work of the other half. A pull stays open until
+//! it is filled or expires, so messages published to an idle consumer are
+//! delivered the moment they arrive.
 //!
 //! Settling (ack, nak, term, dead letter) happens in `settle` once the
-//! invocation ends. Acks are published without waiting for each; shutdown
-//! flushes the connection so the server has them all before the host exits.
+//! invocation ends. Each invocation waits for the server to confirm its own
+//! settlement before giving its slot back; invocations do not wait on each
+//! other, so acks are concurrent, never one after another.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +26,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, LoadedHandler};
+use crate::dispatch::{Delivery, Dispatcher};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
+use crate::registry::HandlerSlot;
 
 /// How long one pull stays open waiting for messages. Short enough that a
 /// shutdown or a lost connection is noticed quickly, long enough that an
@@ -42,7 +46,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 pub(super) async fn bind(
     trigger: &JetStreamTrigger,
     create_streams: bool,
-    handler: Arc<LoadedHandler>,
+    slot: Arc<HandlerSlot>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
@@ -54,7 +58,7 @@ pub(super) async fn bind(
         TriggerError::Consumer { stream: trigger.stream.to_string(), durable: trigger.durable.to_string(), source }
     })?;
     let trigger = Arc::new(trigger.clone());
-    Ok(tokio::spawn(pull_loop(consumer, trigger, handler, dispatcher, shutdown)))
+    Ok(tokio::spawn(pull_loop(consumer, trigger, slot, dispatcher, shutdown)))
 }
 
 async fn open_stream(
@@ -122,21 +126,32 @@ fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
 async fn pull_loop(
     consumer: PullConsumer,
     trigger: Arc<JetStreamTrigger>,
-    handler: Arc<LoadedHandler>,
+    slot: Arc<HandlerSlot>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) {
     let label = format!("{}/{}", trigger.stream, trigger.durable);
     let mut retry = RETRY_FIRST;
     'pull: loop {
-        // Wait for one free slot, then take whatever else is free right now.
+        // Versions swapped by a reload share their permits, so the permits of
+        // the version current now bound whichever version runs a message.
+        let handler = slot.current();
+        // Wait until half a batch of slots is free, then take whatever else
+        // is free right now. Pulling as soon as one slot frees would cost a
+        // round trip per message under load; waiting for half keeps the
+        // other half busy while the next pull is on its way.
+        let batch = (trigger.batch as usize).min(handler.manifest.limits.max_concurrency as usize).max(1);
+        let want = (batch / 2).max(1) as u32;
         let first = tokio::select! {
-            p = handler.permits.clone().acquire_owned() => p,
+            p = handler.permits.clone().acquire_many_owned(want) => p,
             () = shutdown.cancelled() => break,
         };
-        let Ok(first) = first else { break };
-        let mut reserved = vec![first];
-        while reserved.len() < trigger.batch as usize {
+        let Ok(mut first) = first else { break };
+        let mut reserved = Vec::with_capacity(batch);
+        while let Some(one) = first.split(1) {
+            reserved.push(one);
+        }
+        while reserved.len() < batch {
             match handler.permits.clone().try_acquire_owned() {
                 Ok(p) => reserved.push(p),
                 Err(_) => break,
@@ -179,7 +194,7 @@ async fn pull_loop(
                         a = dispatcher.admit_reserved(permit) => a,
                         () = dispatcher.abandon.cancelled() => break 'pull,
                     };
-                    dispatcher.spawn(handler.clone(), Delivery::JetStream(Box::new(msg), trigger.clone()), admission);
+                    dispatcher.spawn(slot.current(), Delivery::JetStream(Box::new(msg), trigger.clone()), admission);
                 }
                 Some(Err(e)) => {
                     tracing::warn!(consumer = %label, "pull failed, retrying in {retry:?}: {e}");
@@ -191,7 +206,7 @@ async fn pull_loop(
             }
         }
     }
-    tracing::debug!(handler = %handler.manifest.name, consumer = %label, "trigger stopped");
+    tracing::debug!(handler = %slot.current().manifest.name, consumer = %label, "trigger stopped");
 }
 
 /// Sleeps for `retry` (then doubles it); returns whether shutdown began.

@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, LoadedHandler};
+use crate::dispatch::Dispatcher;
 use crate::manifest::Trigger;
+use crate::registry::HandlerSlot;
 
 /// A trigger that could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +65,7 @@ pub enum TriggerError {
 pub(crate) async fn bind(
     trigger: &Trigger,
     create_streams: bool,
-    handler: Arc<LoadedHandler>,
+    handler: Arc<HandlerSlot>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {

@@ -12,14 +12,15 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, LoadedHandler};
+use crate::dispatch::{Delivery, Dispatcher};
 use crate::manifest::QueueGroup;
+use crate::registry::HandlerSlot;
 use crate::subject::SubjectPattern;
 
 pub(super) async fn bind(
     subject: &SubjectPattern,
     queue: Option<&QueueGroup>,
-    handler: Arc<LoadedHandler>,
+    slot: Arc<HandlerSlot>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
@@ -47,13 +48,15 @@ pub(super) async fn bind(
                 () = dispatcher.abandon.cancelled() => break,
             };
             let Some(msg) = next else { break };
+            // The version current when the message arrives handles it.
+            let handler = slot.current();
             let admission = tokio::select! {
                 a = dispatcher.admit(&handler) => a,
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.spawn(handler.clone(), Delivery::Core(msg), admission);
+            dispatcher.spawn(handler, Delivery::Core(msg), admission);
         }
-        tracing::debug!(handler = %handler.manifest.name, subject = %label, "trigger stopped");
+        tracing::debug!(handler = %slot.current().manifest.name, subject = %label, "trigger stopped");
     }))
 }
