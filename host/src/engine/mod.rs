@@ -193,12 +193,14 @@ impl Engine {
     }
 
     /// A fresh store for one invocation of `manifest`'s handler, with its
-    /// memory limit and a CPU deadline at `deadline`.
+    /// memory limit and a CPU deadline at `deadline`; host calls parent
+    /// their spans on `span`.
     pub(crate) fn store(
         &self,
         manifest: Arc<Manifest>,
         nats: async_nats::Client,
         deadline: Instant,
+        span: tracing::Span,
     ) -> Store<StoreData> {
         let wasi = WasiCtx::builder()
             .stdout(stdio::GuestOutput::new(
@@ -225,6 +227,7 @@ impl Engine {
                 manifest,
                 nats,
                 deadline,
+                span,
             },
         };
         let mut store = Store::new(&self.inner, data);

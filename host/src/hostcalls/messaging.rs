@@ -1,15 +1,23 @@
 //! `natsfn:host/messaging`: core NATS publish and request, each checked
 //! against the handler's `[permissions]` before anything reaches NATS.
+//!
+//! Each call is a child span of the invocation: `publish {subject}` (kind
+//! producer) and `request {subject}` (kind client), and the message sent
+//! carries that span's trace context, so the handler it reaches continues
+//! the same trace.
 
 use std::time::Duration;
 
 use async_nats::client::{PublishErrorKind, RequestErrorKind};
 use async_nats::Request;
+use tracing::field::Empty;
+use tracing::Instrument;
 
-use super::{CallError, Invocation};
+use super::{outgoing_headers, record_call_error, CallError, Invocation};
 use crate::bindings::natsfn::host::messaging::Host;
 use crate::bindings::{Message, WitError};
 use crate::subject::Subject;
+use crate::telemetry::SPAN_TARGET;
 use crate::wire;
 
 /// Which grant a subject is checked against.
@@ -51,8 +59,68 @@ impl Host for Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "publish",
+            otel.name = format!("publish {subject}"),
+            otel.kind = "producer",
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = subject.as_str(),
+            messaging.message.body.size = payload.len() as i64,
+        );
+        let result = self
+            .publish_in(&span, subject, headers, payload)
+            .instrument(span.clone())
+            .await;
+        record_call_error(&span, &result);
+        result
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Message, CallError> {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "request",
+            otel.name = format!("request {subject}"),
+            otel.kind = "client",
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "request",
+            messaging.destination.name = subject.as_str(),
+            messaging.message.body.size = payload.len() as i64,
+        );
+        let result = self
+            .request_in(&span, subject, headers, payload, timeout_ms)
+            .instrument(span.clone())
+            .await;
+        record_call_error(&span, &result);
+        result
+    }
+}
+
+impl Invocation {
+    async fn publish_in(
+        &mut self,
+        span: &tracing::Span,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Result<(), CallError> {
         let subject = self.permitted(&subject, Verb::Publish)?;
-        let headers = wire::headers_from_wit(headers)?;
+        let headers = outgoing_headers(span, headers)?;
         let subject = subject.as_str().to_owned();
         let sent = match headers {
             Some(h) => {
@@ -72,15 +140,16 @@ impl Host for Invocation {
         Ok(())
     }
 
-    async fn request(
+    async fn request_in(
         &mut self,
+        span: &tracing::Span,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
         let subject = self.permitted(&subject, Verb::Request)?;
-        let headers = wire::headers_from_wit(headers)?;
+        let headers = outgoing_headers(span, headers)?;
         // The guest's own timeout, but never past the invocation's deadline:
         // a request must not keep an instance alive after its time is up.
         let left = self

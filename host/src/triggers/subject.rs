@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Dispatcher, LoadedHandler};
+use crate::dispatch::{Dispatcher, LoadedHandler, Origin};
 use crate::manifest::QueueGroup;
 use crate::subject::SubjectPattern;
 
@@ -36,6 +36,7 @@ pub(super) async fn bind(
         source,
     })?;
     let label = subject.to_string();
+    let origin = Arc::new(Origin::subject(label.clone(), queue.map(|q| q.to_string())));
 
     Ok(tokio::spawn(async move {
         let mut draining = false;
@@ -58,7 +59,7 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.spawn(handler.clone(), msg, admission);
+            dispatcher.spawn(handler.clone(), origin.clone(), msg, admission);
         }
         tracing::debug!(handler = %handler.manifest.name, subject = %label, "trigger stopped");
     }))

@@ -9,11 +9,19 @@
 //!
 //! Dispatch never decides *whether* to run: triggers hold the concurrency
 //! permits, so by the time a message gets here it has a slot.
+//!
+//! Each invocation runs inside its span (see `span`), which host calls
+//! parent their own spans on and which carries the outcome.
+
+mod span;
+
+pub(crate) use span::Origin;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{Compiled, Engine};
@@ -130,11 +138,14 @@ impl Stats {
 }
 
 /// Runs `handler` for `msg` on a fresh instance and applies the outcome.
+/// `span` is the invocation's span (the caller runs this inside it); host
+/// calls parent their spans on it.
 pub(crate) async fn invoke(
     engine: &Engine,
     nats: &async_nats::Client,
     handler: &LoadedHandler,
     msg: async_nats::Message,
+    span: &tracing::Span,
 ) {
     handler.stats.started();
     let manifest = &handler.manifest;
@@ -142,7 +153,7 @@ pub(crate) async fn invoke(
     let reply_to = msg.reply.clone();
 
     let deadline = Instant::now() + manifest.limits.timeout;
-    let mut store = engine.store(manifest.clone(), nats.clone(), deadline);
+    let mut store = engine.store(manifest.clone(), nats.clone(), deadline, span.clone());
     let wit_msg = wire::message_to_wit(msg);
 
     // The epoch callback stops guests that compute past the deadline; this
@@ -165,6 +176,7 @@ pub(crate) async fn invoke(
     };
     drop(store);
 
+    span::record_outcome(span, handler, &outcome);
     if !matches!(outcome, Outcome::Ok) {
         report(manifest, subject.as_str(), &outcome);
     }
@@ -291,18 +303,23 @@ impl Dispatcher {
     }
 
     /// Runs `msg` through `handler` in its own task, holding `admission`
-    /// until it ends.
+    /// until it ends. `origin` is what the trigger knows about the message's
+    /// source, for the invocation's span.
     pub(crate) fn spawn(
         &self,
         handler: Arc<LoadedHandler>,
+        origin: Arc<Origin>,
         msg: async_nats::Message,
         admission: Admission,
     ) {
         let this = self.clone();
         self.invocations.spawn(async move {
+            let span = span::InvocationSpan::new(&handler, &msg, &origin).start();
+            let run = invoke(&this.engine, &this.nats, &handler, msg, &span);
             tokio::select! {
-                () = invoke(&this.engine, &this.nats, &handler, msg) => {}
+                () = run.instrument(span.clone()) => {}
                 () = this.abandon.cancelled() => {
+                    span::record_abandoned(&span);
                     tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
                         "invocation abandoned: still running at the shutdown deadline");
                 }
