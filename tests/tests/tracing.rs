@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use natsfn::telemetry::{Otlp, OtlpPipeline, SEMCONV_SCHEMA_URL};
+use natsfn::telemetry::{ExportStats, Otlp, OtlpPipeline, SEMCONV_SCHEMA_URL};
 use natsfn_e2e::otlp::{
     event_attr, refused_endpoint, HungCollector, OtlpReceiver, Protocol, ReceivedSpan,
 };
@@ -32,12 +32,12 @@ fn pipeline(protocol: Protocol, endpoint: &str) -> Otlp {
 }
 
 /// Runs `test` on a runtime traced by `pipeline`, then shuts the pipeline
-/// down (outside any runtime, as the binary does).
-fn traced(pipeline: OtlpPipeline, test: impl AsyncFnOnce(&OtlpPipeline)) {
+/// down (outside any runtime, as the binary does) and returns its counts.
+fn traced(pipeline: OtlpPipeline, test: impl AsyncFnOnce(&OtlpPipeline)) -> ExportStats {
     let rt = runtime_with(Some(otlp_dispatch(&pipeline)));
     rt.block_on(test(&pipeline));
     drop(rt);
-    pipeline.shutdown();
+    pipeline.shutdown()
 }
 
 fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
@@ -433,7 +433,7 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
             .export_timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        traced(pipeline, async |pipeline| {
+        let stats = traced(pipeline, async |pipeline| {
             let server = nats();
             let dir = HandlerDir::new();
             dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"load\"");
@@ -444,26 +444,34 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
             println!("{what} collector: {N} requests in {took:?}");
             assert_eq!(host.handler_stats("echo").unwrap().ok, N as u64);
 
-            // Failed exports settle asynchronously; wait until they show.
+            // The first batch is still being tried (refused: retried with
+            // backoff; hung: until the export timeout), so the queue filled
+            // and the later spans were dropped on the spot.
+            let stats = pipeline.stats();
+            println!("{what} collector, after the load: {stats:?}");
+            assert!(
+                stats.dropped_queue_full > 0,
+                "{what}: spans beyond the queue are dropped and counted: {stats:?}"
+            );
+            // Then the stuck export gives up and its spans count as failed.
             let deadline = Instant::now() + Duration::from_secs(15);
-            while pipeline.stats().dropped() == 0 && Instant::now() < deadline {
+            while pipeline.stats().dropped_export_failed == 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let stats = pipeline.stats();
-            println!("{what} collector: {stats:?}");
-            assert_eq!(stats.exported, 0, "{what}: nothing can be exported");
             assert!(
-                stats.dropped() > 0,
-                "{what}: dropped spans are counted: {stats:?}"
+                pipeline.stats().dropped_export_failed > 0,
+                "{what}: a failed export is counted: {:?}",
+                pipeline.stats()
             );
-            if what == "hung" {
-                assert!(
-                    stats.dropped_queue_full > 0,
-                    "a hung export fills the queue and later spans are dropped at once: {stats:?}"
-                );
-            }
             host.shutdown().await;
         });
+        println!("{what} collector, after shutdown: {stats:?}");
+        assert_eq!(stats.exported, 0, "{what}: nothing could be exported");
+        assert_eq!(
+            stats.dropped_queue_full + stats.dropped_export_failed,
+            N as u64,
+            "{what}: every span is accounted for: {stats:?}"
+        );
     }
     drop(hung);
     drop(collector);

@@ -571,8 +571,9 @@ impl OtlpPipeline {
     /// Exports what is left and stops the pipeline (waiting up to 5 s),
     /// logging rather than returning a failure: a collector that is down
     /// must not turn a clean shutdown into an error. Blocks the calling
-    /// thread, like [`force_flush`](OtlpPipeline::force_flush).
-    pub fn shutdown(mut self) {
+    /// thread, like [`force_flush`](OtlpPipeline::force_flush). Returns the
+    /// final counts.
+    pub fn shutdown(mut self) -> ExportStats {
         if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
             tracing::warn!("cannot flush the last spans to the OTLP collector: {e}");
         }
@@ -588,6 +589,7 @@ impl OtlpPipeline {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+        stats
     }
 }
 
