@@ -476,3 +476,138 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
     drop(hung);
     drop(collector);
 }
+
+/// The `natsfn` binary configured only by the standard variables: it
+/// traces, names the service, and flushes the last spans on SIGTERM (the
+/// batch schedule is set to a minute, so only the shutdown flush can have
+/// delivered them).
+#[test]
+fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let collector = runtime_with(None);
+    let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add(
+        "echo",
+        "echo",
+        "echo",
+        "[[trigger]]\nsubject = \"bin.echo\"",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_natsfn"))
+        .args(["run", "--handlers", dir.path().to_str().unwrap()])
+        .args(["--nats", &server.url()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_SERVICE_NAME", "orders")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn natsfn");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("natsfn: ready")) {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("natsfn never got ready: {seen:?}");
+            }
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("tracing on, exporting spans over OTLP grpc")),
+        "{seen:?}"
+    );
+
+    collector.block_on(async {
+        let client = client(&server).await;
+        assert_eq!(text(&request(&client, "bin.echo", "hi").await), "hi");
+    });
+    assert!(
+        receiver.spans().is_empty(),
+        "nothing exported before shutdown"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0].span.name, "process bin.echo");
+    assert_eq!(spans[0].service_name.as_deref(), Some("orders"));
+    drop(collector);
+}
+
+/// Bad tracing settings stop the binary before it starts, naming the flag or
+/// variable at fault.
+#[test]
+fn bad_tracing_settings_are_reported_by_name() {
+    let dir = HandlerDir::new();
+    let dir = dir.path().to_str().unwrap();
+    for (args, env, expected) in [
+        (
+            vec![
+                "--otlp-endpoint",
+                "http://127.0.0.1:1",
+                "--otlp-protocol",
+                "http/json",
+            ],
+            vec![],
+            "--otlp-protocol",
+        ),
+        (
+            vec![
+                "--otlp-endpoint",
+                "http://127.0.0.1:1",
+                "--trace-sampler",
+                "traceidratio",
+                "--trace-sampler-arg",
+                "7",
+            ],
+            vec![],
+            "--trace-sampler-arg: `7` is not a sampling ratio between 0 and 1",
+        ),
+        (
+            vec![],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1"),
+                ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ],
+            "OTEL_TRACES_SAMPLER: unknown sampler `sometimes`",
+        ),
+        (
+            vec![],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+            ],
+            "OTEL_EXPORTER_OTLP_PROTOCOL: unknown OTLP protocol `carrier-pigeon`",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_natsfn"))
+            .args(["run", "--handlers", dir])
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run natsfn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
+    }
+}
