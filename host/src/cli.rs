@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::buckets::{BucketKind, BucketSpec};
 use crate::local_server::NatsServer;
+use crate::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError};
 use crate::Host;
 
 /// Run sandboxed WebAssembly handlers on NATS subjects.
@@ -106,6 +107,61 @@ struct RunArgs {
     /// Instances alive at once across all handlers (the instance pool size).
     #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES, env = "NATSFN_MAX_INSTANCES")]
     max_instances: u32,
+
+    #[command(flatten)]
+    tracing: TracingArgs,
+}
+
+/// OpenTelemetry tracing. Off unless an endpoint is given here or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; the
+/// other standard `OTEL_*` variables apply (headers, timeout, service name,
+/// `OTEL_SDK_DISABLED`...). Flags win over variables.
+#[derive(Debug, Clone, clap::Args)]
+struct TracingArgs {
+    /// OTLP collector base URL (like OTEL_EXPORTER_OTLP_ENDPOINT), e.g.
+    /// http://localhost:4318 for HTTP or http://localhost:4317 for gRPC.
+    /// Setting it turns tracing on.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// OTLP transport: grpc or http/protobuf [default: OTEL_EXPORTER_OTLP_PROTOCOL,
+    /// else http/protobuf].
+    #[arg(long, value_name = "PROTOCOL")]
+    otlp_protocol: Option<Protocol>,
+
+    /// Sampler: always_on, always_off, traceidratio, parentbased_always_on,
+    /// parentbased_always_off, parentbased_traceidratio [default:
+    /// OTEL_TRACES_SAMPLER, else parentbased_always_on].
+    #[arg(long, value_name = "NAME")]
+    trace_sampler: Option<String>,
+
+    /// The sampler's ratio, 0 to 1, for the *traceidratio samplers.
+    #[arg(long, value_name = "RATIO", requires = "trace_sampler")]
+    trace_sampler_arg: Option<String>,
+}
+
+impl TracingArgs {
+    /// The OTLP pipeline these flags and the environment ask for, if any.
+    fn pipeline(&self) -> Result<Option<OtlpPipeline>, TelemetryError> {
+        let mut otlp = Otlp::from_env()?;
+        if let Some(url) = &self.otlp_endpoint {
+            otlp = otlp.endpoint(url.clone());
+        }
+        if let Some(protocol) = self.otlp_protocol {
+            otlp = otlp.protocol(protocol);
+        }
+        if let Some(name) = &self.trace_sampler {
+            otlp = otlp.sampler(Sampler::from_settings(
+                name,
+                self.trace_sampler_arg.as_deref(),
+                ("--trace-sampler", "--trace-sampler-arg"),
+            )?);
+        }
+        if !otlp.is_configured() {
+            return Ok(None);
+        }
+        otlp.build().map(Some)
+    }
 }
 
 impl Cli {
@@ -114,7 +170,20 @@ impl Cli {
     /// could not run at all.
     pub fn run_from_env() -> ExitCode {
         let cli = Cli::parse();
-        crate::telemetry::init_logging("info");
+        let otlp = match &cli.command {
+            Command::Run(args) | Command::Dev(args) => match args.tracing.pipeline() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("natsfn: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            _ => None,
+        };
+        crate::telemetry::init("info", otlp.as_ref());
+        if let Some(p) = &otlp {
+            println!("natsfn: tracing on, exporting spans over OTLP {}", p.protocol());
+        }
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
@@ -122,13 +191,19 @@ impl Cli {
                 return ExitCode::from(2);
             }
         };
-        match cli.command {
+        let code = match cli.command {
             Command::Run(args) => runtime.block_on(run(args)),
             Command::Dev(args) => runtime.block_on(run(RunArgs { watch: true, ..args })),
             Command::Validate(dirs) => runtime.block_on(validate(dirs)),
             Command::Request(args) => runtime.block_on(send(args, true)),
             Command::Publish(args) => runtime.block_on(send(args, false)),
+        };
+        // The host has stopped: the last invocation spans are ended and get
+        // exported now (errors are logged, never fatal).
+        if let Some(p) = otlp {
+            p.shutdown();
         }
+        code
     }
 }
 

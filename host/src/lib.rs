@@ -13,16 +13,19 @@
 //! - `hostcalls`: one file per WIT interface the guest imports.
 //! - `triggers`: one file per message source; they admit messages and hand
 //!   them to dispatch.
-//! - `dispatch`: one invocation, from instance to applied outcome.
+//! - `dispatch`: one invocation, from instance to applied outcome, inside
+//!   its `process {subject}` span.
 //! - [`host`]: the embedding API ([`Host::builder`]) and ordered shutdown.
 //! - [`local_server`]: a child `nats-server` for development and tests.
-//! - [`telemetry`]: log output setup for the binary.
+//! - [`telemetry`]: OpenTelemetry tracing (OTLP export, W3C trace context
+//!   in NATS headers) and log output setup for the binary.
 //! - [`cli`]: the `natsfn` command line.
 //!
 //! # Errors
 //! Each layer has its own error enum ([`manifest::ManifestError`],
-//! [`engine::EngineError`], [`HostError`], [`LoadError`]) whose message names
-//! the file, field or subject at fault. Errors a guest can see are the WIT
+//! [`engine::EngineError`], [`HostError`], [`LoadError`],
+//! [`telemetry::TelemetryError`]) whose message names the file, field,
+//! subject or setting at fault. Errors a guest can see are the WIT
 //! `error` variant, never a Rust error type.
 
 #![deny(missing_docs)]

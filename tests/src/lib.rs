@@ -216,3 +216,29 @@ impl Drop for NatsfnProcess {
         let _ = self.child.wait();
     }
 }
+
+pub mod otlp;
+
+/// A multi-threaded runtime whose threads all use `dispatch` as their
+/// `tracing` subscriber (none when `None`). Each test or benchmark phase
+/// gets its own, so several OTLP pipelines can run in one process without
+/// touching the global subscriber.
+pub fn runtime_with(dispatch: Option<tracing::Dispatch>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if let Some(dispatch) = dispatch {
+        builder.on_thread_start(move || {
+            // The guard would restore the previous default; these threads
+            // keep this one for their whole life.
+            std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+        });
+    }
+    builder.build().expect("build a tokio runtime")
+}
+
+/// The `tracing` dispatcher for a test traced by `pipeline`: natsfn's OTLP
+/// layer alone, exactly what an embedder adds to their subscriber.
+pub fn otlp_dispatch(pipeline: &natsfn::telemetry::OtlpPipeline) -> tracing::Dispatch {
+    use tracing_subscriber::layer::SubscriberExt;
+    tracing::Dispatch::new(tracing_subscriber::registry().with(pipeline.layer()))
+}

@@ -1,6 +1,7 @@
 //! Guest stdout and stderr, routed into the host log line by line and tagged
-//! with the handler and tenant, so `println!` in a guest is useful while
-//! debugging and harmless in production (lines are length-capped).
+//! with the handler and tenant (and trace ids when traced), so `println!` in
+//! a guest is useful while debugging and harmless in production (lines are
+//! length-capped).
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use crate::hostcalls::GUEST_TARGET;
 use crate::limits::MAX_LOG_LINE;
 use crate::manifest::Manifest;
+use crate::telemetry;
 
 /// Which guest stream a line came from; stderr lines log at `warn`.
 #[derive(Clone, Copy, Debug)]
@@ -81,12 +83,16 @@ impl LineWriter {
         let line = line.trim_end_matches('\r');
         let handler = self.out.manifest.name.as_str();
         let tenant = self.out.manifest.tenant.as_str();
+        // Guest writes happen inside the invocation's span.
+        let ids = telemetry::log_ids(&tracing::Span::current());
+        let trace_id = ids.map(|(t, _)| tracing::field::display(t));
+        let span_id = ids.map(|(_, s)| tracing::field::display(s));
         match self.out.stream {
             Stream::Stdout => {
-                tracing::info!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, stream = "stdout", "{line}")
+                tracing::info!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, trace_id, span_id, stream = "stdout", "{line}")
             }
             Stream::Stderr => {
-                tracing::warn!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, stream = "stderr", "{line}")
+                tracing::warn!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, trace_id, span_id, stream = "stderr", "{line}")
             }
         }
         self.buf.clear();

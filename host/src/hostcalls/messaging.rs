@@ -1,5 +1,10 @@
 //! `natsfn:host/messaging`: core NATS publish and request, each checked
 //! against the handler's `[permissions]` before anything reaches NATS.
+//!
+//! Each call is a child span of the invocation: `publish {subject}` (kind
+//! producer) and `request {subject}` (kind client), and the message sent
+//! carries that span's trace context, so the handler it reaches continues
+//! the same trace.
 
 use std::time::Duration;
 
@@ -7,11 +12,14 @@ use async_nats::client::{PublishErrorKind, RequestErrorKind};
 use async_nats::jetstream::context::PublishErrorKind as PublishAckErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::Request;
+use tracing::field::Empty;
+use tracing::Instrument;
 
-use super::{CallError, Invocation};
+use super::{outgoing_headers, record_call_error, CallError, Invocation};
 use crate::bindings::natsfn::host::messaging::Host;
 use crate::bindings::{Message, WitError};
 use crate::subject::Subject;
+use crate::telemetry::SPAN_TARGET;
 use crate::wire;
 
 /// Which grant a subject is checked against.
@@ -51,8 +59,89 @@ impl Host for Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "publish",
+            otel.name = format!("publish {subject}"),
+            otel.kind = "producer",
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = subject.as_str(),
+            messaging.message.body.size = payload.len() as i64,
+        );
+        let result = self.publish_in(&span, subject, headers, payload).instrument(span.clone()).await;
+        record_call_error(&span, &result);
+        result
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Message, CallError> {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "request",
+            otel.name = format!("request {subject}"),
+            otel.kind = "client",
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "request",
+            messaging.destination.name = subject.as_str(),
+            messaging.message.body.size = payload.len() as i64,
+        );
+        let result = self.request_in(&span, subject, headers, payload, timeout_ms).instrument(span.clone()).await;
+        record_call_error(&span, &result);
+        result
+    }
+
+    async fn jetstream_publish(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        msg_id: Option<String>,
+    ) -> Result<u64, CallError> {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "publish",
+            otel.name = format!("publish {subject}"),
+            otel.kind = "producer",
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "jetstream.publish",
+            messaging.destination.name = subject.as_str(),
+            messaging.message.body.size = payload.len() as i64,
+            messaging.message.id = msg_id.as_deref(),
+        );
+        let result = self.jetstream_publish_in(&span, subject, headers, payload, msg_id).instrument(span.clone()).await;
+        record_call_error(&span, &result);
+        result
+    }
+}
+
+impl Invocation {
+    async fn publish_in(
+        &mut self,
+        span: &tracing::Span,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Result<(), CallError> {
         let subject = self.permitted(&subject, Verb::Publish)?;
-        let headers = wire::headers_from_wit(headers)?;
+        let headers = outgoing_headers(span, headers)?;
         let subject = subject.as_str().to_owned();
         let sent = match headers {
             Some(h) => self.nats.publish_with_headers(subject, h, payload.into()).await,
@@ -66,15 +155,16 @@ impl Host for Invocation {
         Ok(())
     }
 
-    async fn request(
+    async fn request_in(
         &mut self,
+        span: &tracing::Span,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
         let subject = self.permitted(&subject, Verb::Request)?;
-        let headers = wire::headers_from_wit(headers)?;
+        let headers = outgoing_headers(span, headers)?;
         // The guest's own timeout, but never past the invocation's deadline:
         // a request must not keep an instance alive after its time is up.
         let left = self.deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -96,8 +186,9 @@ impl Host for Invocation {
         Ok(wire::message_to_wit(reply))
     }
 
-    async fn jetstream_publish(
+    async fn jetstream_publish_in(
         &mut self,
+        span: &tracing::Span,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
@@ -105,7 +196,7 @@ impl Host for Invocation {
     ) -> Result<u64, CallError> {
         let subject = self.permitted(&subject, Verb::Publish)?;
         let mut publish = PublishMessage::build().payload(payload.into());
-        if let Some(h) = wire::headers_from_wit(headers)? {
+        if let Some(h) = outgoing_headers(span, headers)? {
             publish = publish.headers(h);
         }
         if let Some(id) = msg_id {

@@ -7,6 +7,10 @@
 //! for JetStream deliveries the message to acknowledge.
 //! They never see the rest of the store (WASI state, limits), which keeps each
 //! interface testable and its reach obvious.
+//!
+//! Calls that reach NATS run in their own child span of the invocation's
+//! span (named and attributed per call, in each interface's file), and what
+//! they send carries that span's trace context in its headers.
 
 mod acks;
 mod buckets;
@@ -29,6 +33,7 @@ use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::{Handler, WitError};
 use crate::manifest::Manifest;
+use crate::{telemetry, wire};
 
 /// What host calls know about the invocation they serve.
 pub struct Invocation {
@@ -45,6 +50,49 @@ pub struct Invocation {
     /// Resources the guest holds (object readers and writers); dropped with
     /// the invocation.
     pub(crate) table: wasmtime::component::ResourceTable,
+    /// The invocation's span: the parent of host-call spans. Disabled when
+    /// nothing records natsfn's spans.
+    pub(crate) span: tracing::Span,
+}
+
+/// Builds the headers of an outgoing message from the guest's pairs and the
+/// trace context of `span`. When there is a context to send, it replaces
+/// any trace headers the guest supplied (a guest forwarding its incoming
+/// headers would otherwise make the next hop a sibling, not a child).
+pub(crate) fn outgoing_headers(
+    span: &tracing::Span,
+    mut pairs: Vec<(String, String)>,
+) -> Result<Option<async_nats::HeaderMap>, WitError> {
+    let Some(cx) = telemetry::span_context(span) else {
+        return wire::headers_from_wit(pairs);
+    };
+    telemetry::strip_trace_headers(&mut pairs);
+    let mut headers = wire::headers_from_wit(pairs)?.unwrap_or_default();
+    telemetry::inject(&cx, &mut headers);
+    Ok(Some(headers))
+}
+
+/// Marks a host-call span as failed with the error the guest gets back.
+pub(crate) fn record_call_error<T>(span: &tracing::Span, result: &Result<T, CallError>) {
+    let Err(CallError::Guest(e)) = result else {
+        return;
+    };
+    if span.is_disabled() {
+        return;
+    }
+    let (kind, detail) = match e {
+        WitError::PermissionDenied(s) => ("permission_denied", s.clone()),
+        WitError::NotFound => ("not_found", String::new()),
+        WitError::Conflict(rev) => ("conflict", format!("revision {rev}")),
+        WitError::Timeout => ("timeout", String::new()),
+        WitError::NoResponders => ("no_responders", String::new()),
+        WitError::TooLarge(max) => ("too_large", format!("limit {max} bytes")),
+        WitError::Invalid(s) => ("invalid", s.clone()),
+        WitError::Unavailable(s) => ("unavailable", s.clone()),
+    };
+    span.record("error.type", kind);
+    let description = if detail.is_empty() { kind.to_owned() } else { format!("{kind}: {detail}") };
+    span.record("otel.status_description", description.as_str());
 }
 
 /// The error side of host calls that return the WIT `error` variant.

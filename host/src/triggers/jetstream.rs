@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher};
+use crate::dispatch::{Delivery, Dispatcher, Origin};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
 use crate::registry::HandlerSlot;
 
@@ -57,8 +57,12 @@ pub(super) async fn bind(
     let consumer: PullConsumer = stream.create_consumer(consumer_config(trigger)?).await.map_err(|source| {
         TriggerError::Consumer { stream: trigger.stream.to_string(), durable: trigger.durable.to_string(), source }
     })?;
+    // Spans name JetStream invocations after the stream; the filter is the
+    // subscription, and the durable the consumer group.
+    let subscription = trigger.filters.first().map_or_else(|| trigger.stream.to_string(), ToString::to_string);
+    let origin = Arc::new(Origin::subject(subscription, Some(trigger.durable.to_string())));
     let trigger = Arc::new(trigger.clone());
-    Ok(tokio::spawn(pull_loop(consumer, trigger, slot, dispatcher, shutdown)))
+    Ok(tokio::spawn(pull_loop(consumer, trigger, origin, slot, dispatcher, shutdown)))
 }
 
 async fn open_stream(
@@ -126,6 +130,7 @@ fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
 async fn pull_loop(
     consumer: PullConsumer,
     trigger: Arc<JetStreamTrigger>,
+    origin: Arc<Origin>,
     slot: Arc<HandlerSlot>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
@@ -194,7 +199,12 @@ async fn pull_loop(
                         a = dispatcher.admit_reserved(permit) => a,
                         () = dispatcher.abandon.cancelled() => break 'pull,
                     };
-                    dispatcher.spawn(slot.current(), Delivery::JetStream(Box::new(msg), trigger.clone()), admission);
+                    dispatcher.spawn(
+                        slot.current(),
+                        origin.clone(),
+                        Delivery::JetStream(Box::new(msg), trigger.clone()),
+                        admission,
+                    );
                 }
                 Some(Err(e)) => {
                     tracing::warn!(consumer = %label, "pull failed, retrying in {retry:?}: {e}");

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher};
+use crate::dispatch::{Delivery, Dispatcher, Origin};
 use crate::manifest::QueueGroup;
 use crate::registry::HandlerSlot;
 use crate::subject::SubjectPattern;
@@ -31,6 +31,7 @@ pub(super) async fn bind(
     };
     let mut sub = subscribed.map_err(|source| TriggerError::Subscribe { subject: subject.to_string(), source })?;
     let label = subject.to_string();
+    let origin = Arc::new(Origin::subject(label.clone(), queue.map(|q| q.to_string())));
 
     Ok(tokio::spawn(async move {
         let mut draining = false;
@@ -55,7 +56,7 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.spawn(handler, Delivery::Core(msg), admission);
+            dispatcher.spawn(handler, origin.clone(), Delivery::Core(msg), admission);
         }
         tracing::debug!(handler = %slot.current().manifest.name, subject = %label, "trigger stopped");
     }))

@@ -9,11 +9,19 @@
 //!
 //! Dispatch never decides *whether* to run: triggers hold the concurrency
 //! permits, so by the time a message gets here it has a slot.
+//!
+//! Each invocation runs inside its span (see `span`), which host calls
+//! parent their own spans on and which carries the outcome.
+
+mod span;
+
+pub(crate) use span::Origin;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
@@ -190,8 +198,10 @@ impl Stats {
 }
 
 /// Runs `handler` for one delivery on a fresh instance and applies the
-/// outcome: a reply for core requests, ack/nak/term for JetStream.
-pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, delivery: Delivery) {
+/// outcome: a reply for core requests, ack/nak/term for JetStream. `span`
+/// is the invocation's span (the caller runs this inside it); host calls
+/// parent their spans on it.
+pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, delivery: Delivery, span: &tracing::Span) {
     let (engine, nats) = (&dispatcher.engine, &dispatcher.nats);
     handler.stats.started();
     let manifest = &handler.manifest;
@@ -217,6 +227,7 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
         jetstream,
         buckets: dispatcher.buckets.clone(),
         table: wasmtime::component::ResourceTable::new(),
+        span: span.clone(),
     };
     let mut store = engine.store(calls);
 
@@ -242,6 +253,7 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
     let jetstream = store.data_mut().calls.jetstream.take();
     drop(store);
 
+    span::record_outcome(span, handler, &outcome);
     if !matches!(outcome, Outcome::Ok) {
         report(manifest, &subject, &outcome);
     }
@@ -359,13 +371,38 @@ impl Dispatcher {
     }
 
     /// Runs `delivery` through `handler` in its own task, holding
-    /// `admission` until it ends.
-    pub(crate) fn spawn(&self, handler: Arc<LoadedHandler>, delivery: Delivery, admission: Admission) {
+    /// `admission` until it ends. `origin` is what the trigger knows about
+    /// the message's source, for the invocation's span.
+    pub(crate) fn spawn(
+        &self,
+        handler: Arc<LoadedHandler>,
+        origin: Arc<Origin>,
+        delivery: Delivery,
+        admission: Admission,
+    ) {
         let this = self.clone();
         self.invocations.spawn(async move {
+            let span = match &delivery {
+                Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(),
+                Delivery::JetStream(msg, _) => {
+                    let info = msg.info().ok();
+                    let mut s = span::InvocationSpan::new(&handler, &msg.message, &origin);
+                    if let Some(info) = &info {
+                        s = s.jetstream(span::JetStreamMeta {
+                            stream: info.stream,
+                            consumer: info.consumer,
+                            stream_sequence: info.stream_sequence,
+                            delivered: info.delivered.max(0) as u64,
+                        });
+                    }
+                    s.start()
+                }
+            };
+            let run = invoke(&this, &handler, delivery, &span);
             tokio::select! {
-                () = invoke(&this, &handler, delivery) => {}
+                () = run.instrument(span.clone()) => {}
                 () = this.abandon.cancelled() => {
+                    span::record_abandoned(&span);
                     tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
                         "invocation abandoned: still running at the shutdown deadline");
                 }

@@ -1,0 +1,111 @@
+//! Throughput with tracing off and on, in the same run:
+//! `cargo bench -p natsfn-e2e --bench tracing`.
+//!
+//! A trivial echo handler serves N messages, twice per mode, alternating
+//! off/on so drift on a shared machine hits both. "Off" runs with no
+//! subscriber at all (natsfn's spans are disabled at their call sites); "on"
+//! samples 100% and exports over OTLP/gRPC to a receiver in this process.
+//! Two workloads: request/reply with 64 requests in flight, and publish-only
+//! (the handler's own throughput, replies not involved). Prints msgs/s and
+//! the on/off ratio; nothing is asserted.
+//!
+//! `NATSFN_BENCH_N` sets N (default 20000).
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use natsfn::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler};
+use natsfn_e2e::otlp::OtlpReceiver;
+use natsfn_e2e::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Workload {
+    Request,
+    Publish,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; accept and ignore any arguments.
+    let n: usize = std::env::var("NATSFN_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"bench.echo\"\n[limits]\nmax_concurrency = 64");
+    let collector = runtime_with(None);
+    let receiver = collector.block_on(OtlpReceiver::counting(Protocol::Grpc));
+    let pipeline = Otlp::new()
+        .protocol(Protocol::Grpc)
+        .endpoint(receiver.endpoint())
+        .sampler(Sampler::AlwaysOn)
+        .build()
+        .expect("build pipeline");
+
+    println!("natsfn tracing benchmark: {n} messages per run, echo handler");
+    for workload in [Workload::Request, Workload::Publish] {
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for round in 0..2 {
+            for traced in [false, true] {
+                let rate = run(&server, &dir, traced.then_some(&pipeline), workload, n);
+                println!(
+                    "  {workload:?} round {round} tracing {}: {rate:>8.0} msgs/s",
+                    if traced { "on " } else { "off" }
+                );
+                if traced { &mut on } else { &mut off }.push(rate);
+            }
+        }
+        let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        let (off, on) = (best(&off), best(&on));
+        println!(
+            "{workload:?}: off {off:.0} msgs/s, on {on:.0} msgs/s, on/off = {:.3} ({:.1}% loss)",
+            on / off,
+            (1.0 - on / off) * 100.0
+        );
+    }
+    pipeline.force_flush();
+    let stats = pipeline.stats();
+    println!("export: {stats:?}; receiver got {} spans", receiver.count());
+    pipeline.shutdown();
+    drop(collector);
+}
+
+/// Serves `n` messages of `workload` on a fresh host and runtime traced by
+/// `pipeline` (or by nothing), and returns messages per second.
+fn run(server: &NatsServer, dir: &HandlerDir, pipeline: Option<&OtlpPipeline>, workload: Workload, n: usize) -> f64 {
+    let rt = runtime_with(pipeline.map(otlp_dispatch));
+    rt.block_on(async {
+        let host = start_host(server, dir).await;
+        let client = client(server).await;
+        // Warm-up: first instantiations, connection buffers.
+        requests(&client, 500).await;
+        let before = host.handler_stats("echo").unwrap().ok;
+        let started = Instant::now();
+        match workload {
+            Workload::Request => requests(&client, n).await,
+            Workload::Publish => {
+                for i in 0..n {
+                    client.publish("bench.echo", i.to_string().into()).await.expect("publish");
+                }
+                client.flush().await.expect("flush");
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while host.handler_stats("echo").unwrap().ok < before + n as u64 {
+                    assert!(Instant::now() < deadline, "messages were lost");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        host.shutdown().await;
+        rate
+    })
+}
+
+async fn requests(client: &async_nats::Client, n: usize) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move { request(&client, "bench.echo", &i.to_string()).await }
+        })
+        .buffer_unordered(64)
+        .for_each(|_| async {})
+        .await;
+}
