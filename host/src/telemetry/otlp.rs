@@ -54,6 +54,7 @@ const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDP
 const OTEL_EXPORTER_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
 const OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 const OTEL_TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
 const OTEL_TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
 const OTEL_TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
@@ -330,7 +331,7 @@ impl Otlp {
     }
 
     /// The `service.name` resource attribute. Default: `OTEL_SERVICE_NAME`,
-    /// else `natsfn`.
+    /// else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `natsfn`.
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service_name = Some(name.into());
         self
@@ -424,9 +425,20 @@ impl Otlp {
         .with_batch_config(batch.build())
         .build();
 
+        // OTEL_RESOURCE_ATTRIBUTES may name the service too (the resource
+        // builder reads it); natsfn's default must not override that.
+        let named_by_env = env(OTEL_RESOURCE_ATTRIBUTES).is_some_and(|attrs| {
+            attrs
+                .split(',')
+                .any(|kv| kv.trim().starts_with("service.name="))
+        });
         let service_name = self
             .service_name
-            .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+            .or_else(|| (!named_by_env).then(|| DEFAULT_SERVICE_NAME.to_owned()));
+        let mut resource = Resource::builder();
+        if let Some(name) = service_name {
+            resource = resource.with_service_name(name);
+        }
         let provider = SdkTracerProvider::builder()
             .with_span_processor(GatedProcessor {
                 inner: processor,
@@ -439,7 +451,7 @@ impl Otlp {
                     .unwrap_or(Sampler::ParentBasedAlwaysOn)
                     .to_sdk(),
             )
-            .with_resource(Resource::builder().with_service_name(service_name).build())
+            .with_resource(resource.build())
             .build();
         let tracer = provider.tracer_with_scope(
             InstrumentationScope::builder("natsfn")
