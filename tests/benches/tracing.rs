@@ -9,7 +9,8 @@
 //! (the handler's own throughput, replies not involved). Prints msgs/s and
 //! the on/off ratio; nothing is asserted.
 //!
-//! `NATSFN_BENCH_N` sets N (default 20000).
+//! `NATSFN_BENCH_N` sets N (default 20000); `NATSFN_BENCH_WORKLOAD=request`
+//! or `publish` runs one workload only.
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,13 @@ fn main() {
         "echo",
         "[[trigger]]\nsubject = \"bench.echo\"\n[limits]\nmax_concurrency = 64",
     );
-    let collector = runtime_with(None);
+    // Named threads, so a profiler can tell the receiver's share apart.
+    let collector = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-receiver")
+        .enable_all()
+        .build()
+        .expect("receiver runtime");
     let receiver = collector.block_on(OtlpReceiver::counting(Protocol::Grpc));
     let pipeline = Otlp::new()
         .protocol(Protocol::Grpc)
@@ -52,7 +59,12 @@ fn main() {
         .expect("build pipeline");
 
     println!("natsfn tracing benchmark: {n} messages per run, echo handler");
-    for workload in [Workload::Request, Workload::Publish] {
+    let workloads = match std::env::var("NATSFN_BENCH_WORKLOAD").as_deref() {
+        Ok("request") => vec![Workload::Request],
+        Ok("publish") => vec![Workload::Publish],
+        _ => vec![Workload::Request, Workload::Publish],
+    };
+    for workload in workloads {
         let mut off = Vec::new();
         let mut on = Vec::new();
         for round in 0..ROUNDS {
