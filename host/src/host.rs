@@ -515,14 +515,17 @@ impl RunningHost {
         }
         // Replies and publishes of the last invocations are still in the
         // client's buffer: push them out before letting go.
-        let flushed = if self.owns_connection {
-            self.nats.drain().await.map_err(|e| e.to_string())
-        } else {
-            self.nats.flush().await.map_err(|e| e.to_string())
-        };
-        if let Err(e) = flushed {
+        // Client::drain closes without waiting for buffered publishes, so
+        // flush first: the PONG proves the server has every reply.
+        // (The same fix as main's 2eccd80, which this branch predates.)
+        if let Err(e) = self.nats.flush().await {
             tracing::warn!("cannot flush the NATS connection on shutdown: {e}");
             clean = false;
+        }
+        if self.owns_connection {
+            if let Err(e) = self.nats.drain().await {
+                tracing::warn!("cannot drain the NATS connection on shutdown: {e}");
+            }
         }
         tracing::info!(abandoned, clean, "natsfn stopped");
         ShutdownReport { abandoned, clean }
