@@ -93,6 +93,7 @@ impl<'a> InvocationSpan<'a> {
         let js = self.jetstream;
         let destination = js.map_or(self.origin.subscription.as_str(), |j| j.stream);
         let group = js.map(|j| j.consumer).or(self.origin.group.as_deref());
+        let wildcard_pattern = self.origin.wildcard.then_some(self.origin.subscription.as_str());
         let span = tracing::info_span!(
             target: SPAN_TARGET,
             "process",
@@ -104,9 +105,11 @@ impl<'a> InvocationSpan<'a> {
             messaging.operation.type = "process",
             messaging.operation.name = "process",
             messaging.destination.name = self.subject,
-            messaging.destination.subscription.name = self.origin.subscription.as_str(),
-            messaging.destination.template =
-                self.origin.wildcard.then_some(self.origin.subscription.as_str()),
+            // Every attribute is encoded and shipped per message: the
+            // subscription is only worth its bytes when it differs from the
+            // subject, i.e. has wildcards.
+            messaging.destination.subscription.name = wildcard_pattern,
+            messaging.destination.template = wildcard_pattern,
             messaging.consumer.group.name = group,
             // Integers as i64: the OTel layer records u64 as text.
             messaging.message.body.size = self.body_size as i64,
@@ -126,16 +129,17 @@ impl<'a> InvocationSpan<'a> {
     }
 }
 
-/// Records how the invocation ended: `natsfn.outcome` always; error status,
-/// `error.type` and the message for a failure, trap, timeout or limit; and
-/// an `exception` event carrying a trap's reason.
+/// Records how the invocation ended, unless it simply succeeded (the common
+/// case costs nothing more): `natsfn.outcome`; error status, `error.type`
+/// and the message for a failure, trap, timeout or limit; and an
+/// `exception` event carrying a trap's reason.
 pub(crate) fn record_outcome(span: &tracing::Span, handler: &LoadedHandler, outcome: &Outcome) {
     if span.is_disabled() {
         return;
     }
     let limits = &handler.manifest.limits;
     let (kind, error) = match outcome {
-        Outcome::Ok => ("ok", None),
+        Outcome::Ok => return,
         // Not an error of this invocation: the handler asked to be run
         // again (JetStream naks; core NATS cannot redeliver, dispatch logs).
         Outcome::Failed(HandlerError::Retry(_)) => ("retry", None),

@@ -31,10 +31,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// The `tracing` target of every span natsfn creates (and of the events that
-/// only make sense as span events, such as a trap's `exception`). Filters
-/// for an OpenTelemetry layer must let it through at `INFO`; log output
-/// usually leaves it out.
+/// The `tracing` target of every span natsfn creates. Filters for an
+/// OpenTelemetry layer must let it through at `INFO`; log output usually
+/// leaves it out.
 pub const SPAN_TARGET: &str = "natsfn::trace";
 
 /// The OpenTelemetry semantic conventions natsfn's span attributes follow:

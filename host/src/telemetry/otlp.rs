@@ -53,6 +53,7 @@ const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDP
 const OTEL_EXPORTER_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
 const OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 const OTEL_TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
 const OTEL_TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
 const OTEL_TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
@@ -306,7 +307,7 @@ impl Otlp {
     }
 
     /// The `service.name` resource attribute. Default: `OTEL_SERVICE_NAME`,
-    /// else `natsfn`.
+    /// else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `natsfn`.
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service_name = Some(name.into());
         self
@@ -393,7 +394,15 @@ impl Otlp {
             .with_batch_config(batch.build())
             .build();
 
-        let service_name = self.service_name.unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+        // OTEL_RESOURCE_ATTRIBUTES may name the service too (the resource
+        // builder reads it); natsfn's default must not override that.
+        let named_by_env = env(OTEL_RESOURCE_ATTRIBUTES)
+            .is_some_and(|attrs| attrs.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+        let service_name = self.service_name.or_else(|| (!named_by_env).then(|| DEFAULT_SERVICE_NAME.to_owned()));
+        let mut resource = Resource::builder();
+        if let Some(name) = service_name {
+            resource = resource.with_service_name(name);
+        }
         let provider = SdkTracerProvider::builder()
             .with_span_processor(GatedProcessor {
                 inner: processor,
@@ -402,7 +411,7 @@ impl Otlp {
                 closed: AtomicBool::new(false),
             })
             .with_sampler(self.sampler.unwrap_or(Sampler::ParentBasedAlwaysOn).to_sdk())
-            .with_resource(Resource::builder().with_service_name(service_name).build())
+            .with_resource(resource.build())
             .build();
         let tracer = provider.tracer_with_scope(
             InstrumentationScope::builder("natsfn")

@@ -96,18 +96,18 @@ pub(crate) fn adopt_parent(span: &tracing::Span, headers: Option<&HeaderMap>) {
     match extractor.get(TRACEPARENT) {
         None => return,
         Some(tp) if !well_formed_traceparent(tp) => {
-            tracing::debug!(target: super::SPAN_TARGET, "ignoring a malformed traceparent header");
+            tracing::debug!("ignoring a malformed traceparent header");
             return;
         }
         Some(_) => {}
     }
     let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &extractor);
     if !cx.span().span_context().is_valid() {
-        tracing::debug!(target: super::SPAN_TARGET, "ignoring a malformed traceparent header");
+        tracing::debug!("ignoring a malformed traceparent header");
         return;
     }
     if let Err(e) = span.set_parent(cx) {
-        tracing::debug!(target: super::SPAN_TARGET, "cannot parent the invocation span: {e}");
+        tracing::debug!("cannot parent the invocation span: {e}");
     }
 }
 
