@@ -458,3 +458,59 @@ fn bad_tracing_settings_are_reported_by_name() {
         assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
     }
 }
+
+#[test]
+fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
+    let collector = runtime_with(None);
+    let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
+    let pipeline = pipeline(Protocol::Grpc, receiver.endpoint()).build().unwrap();
+    traced(pipeline, async |_| {
+        let server = nats();
+        let client = client(&server).await;
+        let js = async_nats::jetstream::new(client.clone());
+        js.create_key_value(async_nats::jetstream::kv::Config { bucket: "counters".into(), ..Default::default() })
+            .await
+            .unwrap();
+        let dir = HandlerDir::new();
+        dir.add(
+            "counter",
+            "counter",
+            "kvcounter",
+            "[[trigger]]\nsubject = \"count\"\n[permissions]\nkv = { counters = \"write\" }",
+        )
+        .add("forbidden", "forbidden", "forbidden", "[[trigger]]\nsubject = \"probe\"");
+        let host = start_host(&server, &dir).await;
+
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let req = async_nats::Request::new().headers(headers).payload("".into());
+        assert_eq!(text(&client.send_request("count", req).await.unwrap()), "1");
+        assert_eq!(text(&request(&client, "probe", "kv-denied").await), "permission-denied: kv read on bucket secret");
+        assert_eq!(
+            text(&request(&client, "probe", "object-denied").await),
+            "permission-denied: object write on bucket secret"
+        );
+        let spans = receiver.wait_for("process, kv.get, kv.create and the denied calls", |s| s.len() >= 7).await;
+        host.shutdown().await;
+
+        let process = find(&spans, "process count");
+        for name in ["kv.get counters", "kv.create counters"] {
+            let call = find(&spans, name);
+            assert_eq!(kind(call), SpanKind::Client, "{name}");
+            assert_eq!(call.trace_id(), TRACE_ID, "{name} is in the incoming trace");
+            assert_eq!(call.parent_id(), process.span_id(), "{name} is a child of the invocation");
+            assert_eq!(call.str_attr("natsfn.bucket"), Some("counters"));
+            assert_eq!(call.str_attr("natsfn.key"), Some("counter"));
+            assert_eq!(call.str_attr("db.system.name"), Some("nats"));
+            assert_eq!(status(call).0, StatusCode::Unset);
+        }
+        for name in ["kv.get secret", "object.put secret"] {
+            let denied = find(&spans, name);
+            assert_eq!(kind(denied), SpanKind::Client, "{name}");
+            assert_eq!(status(denied).0, StatusCode::Error, "{name}");
+            assert_eq!(denied.str_attr("error.type"), Some("permission_denied"), "{name}");
+            assert_eq!(denied.str_attr("natsfn.key"), Some(if name.starts_with("kv") { "k" } else { "o" }));
+        }
+    });
+    drop(collector);
+}

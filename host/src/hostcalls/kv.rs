@@ -9,7 +9,7 @@ use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKin
 use futures::TryStreamExt;
 
 use super::buckets::{check_key, Family};
-use super::{CallError, Invocation};
+use super::{in_span, CallError, Invocation};
 use crate::bindings::natsfn::host::kv::{Entry, Host};
 use crate::bindings::natsfn::host::types::KvOperation;
 use crate::bindings::WitError;
@@ -63,65 +63,106 @@ fn to_wit(e: kv::Entry) -> Entry {
 
 impl Host for Invocation {
     async fn get(&mut self, bucket: String, key: String) -> Result<Option<Entry>, CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Read).await?;
-        let entry = store.entry(key).await.map_err(unavailable)?;
-        Ok(entry.filter(|e| e.operation == Operation::Put).map(to_wit))
+        let span = self.bucket_span("kv.get", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Read).await?;
+            let entry = store.entry(key).await.map_err(unavailable)?;
+            Ok(entry.filter(|e| e.operation == Operation::Put).map(to_wit))
+        })
+        .await
     }
 
     async fn put(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<u64, CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Write).await?;
-        Ok(store.put(key, value.into()).await.map_err(unavailable)?)
+        let span = self.bucket_span("kv.put", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            Ok(store.put(key, value.into()).await.map_err(unavailable)?)
+        })
+        .await
     }
 
     async fn create(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<u64, CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Write).await?;
-        match store.create(&key, value.into()).await {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                Err(WitError::Conflict(Self::current_revision(&store, &key).await).into())
+        let span = self.bucket_span("kv.create", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            match store.create(&key, value.into()).await {
+                Ok(revision) => Ok(revision),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                    Err(WitError::Conflict(Self::current_revision(&store, &key).await).into())
+                }
+                Err(e) => Err(unavailable(e).into()),
             }
-            Err(e) => Err(unavailable(e).into()),
-        }
+        })
+        .await
     }
 
     async fn update(&mut self, bucket: String, key: String, value: Vec<u8>, expected: u64) -> Result<u64, CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Write).await?;
-        match store.update(&key, value.into(), expected).await {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                Err(WitError::Conflict(Self::current_revision(&store, &key).await).into())
+        let span = self.bucket_span("kv.update", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            match store.update(&key, value.into(), expected).await {
+                Ok(revision) => Ok(revision),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    Err(WitError::Conflict(Self::current_revision(&store, &key).await).into())
+                }
+                Err(e) => Err(unavailable(e).into()),
             }
-            Err(e) => Err(unavailable(e).into()),
-        }
+        })
+        .await
     }
 
     async fn delete(&mut self, bucket: String, key: String) -> Result<(), CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Write).await?;
-        Ok(store.delete(key).await.map_err(unavailable)?)
+        let span = self.bucket_span("kv.delete", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            Ok(store.delete(key).await.map_err(unavailable)?)
+        })
+        .await
     }
 
     async fn purge(&mut self, bucket: String, key: String) -> Result<(), CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Write).await?;
-        Ok(store.purge(key).await.map_err(unavailable)?)
+        let span = self.bucket_span("kv.purge", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            Ok(store.purge(key).await.map_err(unavailable)?)
+        })
+        .await
     }
 
     async fn keys(&mut self, bucket: String, filter: Option<String>) -> Result<Vec<String>, CallError> {
-        let filter: Option<SubjectPattern> =
-            filter.map(|f| f.parse().map_err(|e| WitError::Invalid(format!("key filter: {e}")))).transpose()?;
-        let store = self.kv_store(&bucket, None, Access::Read).await?;
-        let keys: Vec<String> = store.keys().await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
-        Ok(match filter {
-            None => keys,
-            Some(f) => keys.into_iter().filter(|k| k.parse::<Subject>().is_ok_and(|s| f.matches(&s))).collect(),
+        let span = self.bucket_span("kv.keys", &bucket, None);
+        let this = &mut *self;
+        in_span(span, async move {
+            let filter: Option<SubjectPattern> =
+                filter.map(|f| f.parse().map_err(|e| WitError::Invalid(format!("key filter: {e}")))).transpose()?;
+            let store = this.kv_store(&bucket, None, Access::Read).await?;
+            let keys: Vec<String> =
+                store.keys().await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+            Ok(match filter {
+                None => keys,
+                Some(f) => keys.into_iter().filter(|k| k.parse::<Subject>().is_ok_and(|s| f.matches(&s))).collect(),
+            })
         })
+        .await
     }
 
     async fn history(&mut self, bucket: String, key: String, max: u32) -> Result<Vec<Entry>, CallError> {
-        let store = self.kv_store(&bucket, Some(&key), Access::Read).await?;
-        let all: Vec<kv::Entry> =
-            store.history(key).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
-        let keep = max.min(MAX_HISTORY) as usize;
-        let skip = all.len().saturating_sub(keep);
-        Ok(all.into_iter().skip(skip).map(to_wit).collect())
+        let span = self.bucket_span("kv.history", &bucket, Some(&key));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.kv_store(&bucket, Some(&key), Access::Read).await?;
+            let all: Vec<kv::Entry> =
+                store.history(key).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+            let keep = max.min(MAX_HISTORY) as usize;
+            let skip = all.len().saturating_sub(keep);
+            Ok(all.into_iter().skip(skip).map(to_wit).collect())
+        })
+        .await
     }
 }

@@ -72,6 +72,39 @@ pub(crate) fn outgoing_headers(
     Ok(Some(headers))
 }
 
+impl Invocation {
+    /// The client span of a KV or object call, a child of the invocation:
+    /// `{operation} {bucket}`, with the bucket and the key or object name.
+    pub(crate) fn bucket_span(&self, operation: &'static str, bucket: &str, key: Option<&str>) -> tracing::Span {
+        tracing::info_span!(
+            target: telemetry::SPAN_TARGET,
+            parent: &self.span,
+            "bucket",
+            otel.name = format!("{operation} {bucket}"),
+            otel.kind = "client",
+            otel.status_description = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            db.system.name = "nats",
+            db.operation.name = operation,
+            db.namespace = bucket,
+            natsfn.bucket = bucket,
+            natsfn.key = key,
+        )
+    }
+}
+
+/// Runs a host call inside `span`, and marks the span failed when the guest
+/// gets an error back.
+pub(crate) async fn in_span<T>(
+    span: tracing::Span,
+    call: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    use tracing::Instrument;
+    let result = call.instrument(span.clone()).await;
+    record_call_error(&span, &result);
+    result
+}
+
 /// Marks a host-call span as failed with the error the guest gets back.
 pub(crate) fn record_call_error<T>(span: &tracing::Span, result: &Result<T, CallError>) {
     let Err(CallError::Guest(e)) = result else {

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use wasmtime::component::Resource;
 
 use super::buckets::{check_object_name, Family};
-use super::{CallError, Invocation};
+use super::{in_span, CallError, Invocation};
 use crate::bindings::natsfn::host::object::{Host, HostReader, HostWriter, ObjectInfo};
 use crate::bindings::WitError;
 use crate::permissions::Access;
@@ -97,57 +97,93 @@ fn not_found_or<K: PartialEq + std::fmt::Debug + Clone + std::fmt::Display>(
 
 impl Host for Invocation {
     async fn get(&mut self, bucket: String, name: String) -> Result<Vec<u8>, CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Read).await?;
-        let mut object = store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
-        if object.info().size > MAX_OBJECT_GET {
-            return Err(WitError::TooLarge(MAX_OBJECT_GET as u64).into());
-        }
-        let mut data = Vec::with_capacity(object.info().size);
-        object.read_to_end(&mut data).await.map_err(unavailable)?;
-        Ok(data)
+        let span = self.bucket_span("object.get", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
+            let mut object =
+                store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
+            if object.info().size > MAX_OBJECT_GET {
+                return Err(WitError::TooLarge(MAX_OBJECT_GET as u64).into());
+            }
+            let mut data = Vec::with_capacity(object.info().size);
+            object.read_to_end(&mut data).await.map_err(unavailable)?;
+            Ok(data)
+        })
+        .await
     }
 
     async fn put(&mut self, bucket: String, name: String, data: Vec<u8>) -> Result<ObjectInfo, CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Write).await?;
-        let info = store.put(name.as_str(), &mut data.as_slice()).await.map_err(unavailable)?;
-        Ok(info_to_wit(&info))
+        let span = self.bucket_span("object.put", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
+            let info = store.put(name.as_str(), &mut data.as_slice()).await.map_err(unavailable)?;
+            Ok(info_to_wit(&info))
+        })
+        .await
     }
 
     async fn delete(&mut self, bucket: String, name: String) -> Result<(), CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Write).await?;
-        store.delete(&name).await.map_err(|e| not_found_or(e, object_store::DeleteErrorKind::NotFound))?;
-        Ok(())
+        let span = self.bucket_span("object.delete", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
+            store.delete(&name).await.map_err(|e| not_found_or(e, object_store::DeleteErrorKind::NotFound))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn info(&mut self, bucket: String, name: String) -> Result<ObjectInfo, CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Read).await?;
-        let info = store.info(&name).await.map_err(|e| not_found_or(e, object_store::InfoErrorKind::NotFound))?;
-        Ok(info_to_wit(&info))
+        let span = self.bucket_span("object.info", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
+            let info = store.info(&name).await.map_err(|e| not_found_or(e, object_store::InfoErrorKind::NotFound))?;
+            Ok(info_to_wit(&info))
+        })
+        .await
     }
 
     async fn list(&mut self, bucket: String) -> Result<Vec<ObjectInfo>, CallError> {
-        let store = self.object_store(&bucket, None, Access::Read).await?;
-        let all: Vec<NatsObjectInfo> =
-            store.list().await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
-        Ok(all.iter().filter(|i| !i.deleted).map(info_to_wit).collect())
+        let span = self.bucket_span("object.list", &bucket, None);
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, None, Access::Read).await?;
+            let all: Vec<NatsObjectInfo> =
+                store.list().await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+            Ok(all.iter().filter(|i| !i.deleted).map(info_to_wit).collect())
+        })
+        .await
     }
 
     async fn open_reader(&mut self, bucket: String, name: String) -> Result<Resource<ObjectReader>, CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Read).await?;
-        let object = store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
-        let reader = self.table.push(ObjectReader { object }).map_err(|e| unavailable(format!("reader: {e}")))?;
-        Ok(reader)
+        let span = self.bucket_span("object.open_reader", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
+            let object = store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
+            let reader = this.table.push(ObjectReader { object }).map_err(|e| unavailable(format!("reader: {e}")))?;
+            Ok(reader)
+        })
+        .await
     }
 
     async fn open_writer(&mut self, bucket: String, name: String) -> Result<Resource<ObjectWriter>, CallError> {
-        let store = self.object_store(&bucket, Some(&name), Access::Write).await?;
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let upload = tokio::spawn(async move {
-            let mut body = tokio_util::io::StreamReader::new(tokio_stream_from(rx));
-            store.put(name.as_str(), &mut body).await
-        });
-        let writer = ObjectWriter { chunks: Some(tx), upload: Some(upload) };
-        Ok(self.table.push(writer).map_err(|e| unavailable(format!("writer: {e}")))?)
+        let span = self.bucket_span("object.open_writer", &bucket, Some(&name));
+        let this = &mut *self;
+        in_span(span, async move {
+            let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
+            let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+            let upload = tokio::spawn(async move {
+                let mut body = tokio_util::io::StreamReader::new(tokio_stream_from(rx));
+                store.put(name.as_str(), &mut body).await
+            });
+            let writer = ObjectWriter { chunks: Some(tx), upload: Some(upload) };
+            Ok(this.table.push(writer).map_err(|e| unavailable(format!("writer: {e}")))?)
+        })
+        .await
     }
 }
 
