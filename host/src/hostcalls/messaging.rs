@@ -13,9 +13,8 @@ use async_nats::jetstream::context::PublishErrorKind as PublishAckErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::Request;
 use tracing::field::Empty;
-use tracing::Instrument;
 
-use super::{outgoing_headers, record_call_error, CallError, Invocation};
+use super::{in_span, outgoing_headers, CallError, Invocation};
 use crate::bindings::natsfn::host::messaging::Host;
 use crate::bindings::{Message, WitError};
 use crate::subject::Subject;
@@ -52,6 +51,36 @@ impl Invocation {
     }
 }
 
+impl Invocation {
+    /// The span of a send: `publish {subject}` (producer) or
+    /// `request {subject}` (client), a child of the invocation.
+    fn message_span(
+        &self,
+        operation: &'static str,
+        kind: &'static str,
+        subject: &str,
+        body_size: usize,
+        message_id: Option<&str>,
+    ) -> tracing::Span {
+        let verb = if kind == "client" { "request" } else { "publish" };
+        tracing::info_span!(
+            target: SPAN_TARGET,
+            parent: &self.span,
+            "send",
+            otel.name = format!("{verb} {subject}"),
+            otel.kind = kind,
+            otel.status_description = Empty,
+            error.type = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = operation,
+            messaging.destination.name = subject,
+            messaging.message.body.size = body_size as i64,
+            messaging.message.id = message_id,
+        )
+    }
+}
+
 impl Host for Invocation {
     async fn publish(
         &mut self,
@@ -59,23 +88,8 @@ impl Host for Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            parent: &self.span,
-            "publish",
-            otel.name = format!("publish {subject}"),
-            otel.kind = "producer",
-            otel.status_description = Empty,
-            error.type = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.operation.name = "publish",
-            messaging.destination.name = subject.as_str(),
-            messaging.message.body.size = payload.len() as i64,
-        );
-        let result = self.publish_in(&span, subject, headers, payload).instrument(span.clone()).await;
-        record_call_error(&span, &result);
-        result
+        let span = self.message_span("publish", "producer", &subject, payload.len(), None);
+        in_span(span.clone(), self.publish_in(&span, subject, headers, payload)).await
     }
 
     async fn request(
@@ -85,23 +99,8 @@ impl Host for Invocation {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            parent: &self.span,
-            "request",
-            otel.name = format!("request {subject}"),
-            otel.kind = "client",
-            otel.status_description = Empty,
-            error.type = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.operation.name = "request",
-            messaging.destination.name = subject.as_str(),
-            messaging.message.body.size = payload.len() as i64,
-        );
-        let result = self.request_in(&span, subject, headers, payload, timeout_ms).instrument(span.clone()).await;
-        record_call_error(&span, &result);
-        result
+        let span = self.message_span("request", "client", &subject, payload.len(), None);
+        in_span(span.clone(), self.request_in(&span, subject, headers, payload, timeout_ms)).await
     }
 
     async fn jetstream_publish(
@@ -111,24 +110,8 @@ impl Host for Invocation {
         payload: Vec<u8>,
         msg_id: Option<String>,
     ) -> Result<u64, CallError> {
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            parent: &self.span,
-            "publish",
-            otel.name = format!("publish {subject}"),
-            otel.kind = "producer",
-            otel.status_description = Empty,
-            error.type = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.operation.name = "jetstream.publish",
-            messaging.destination.name = subject.as_str(),
-            messaging.message.body.size = payload.len() as i64,
-            messaging.message.id = msg_id.as_deref(),
-        );
-        let result = self.jetstream_publish_in(&span, subject, headers, payload, msg_id).instrument(span.clone()).await;
-        record_call_error(&span, &result);
-        result
+        let span = self.message_span("jetstream.publish", "producer", &subject, payload.len(), msg_id.as_deref());
+        in_span(span.clone(), self.jetstream_publish_in(&span, subject, headers, payload, msg_id)).await
     }
 }
 
