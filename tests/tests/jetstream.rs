@@ -76,9 +76,11 @@ async fn drained(js: &jetstream::Context, stream: &str, durable: &str) -> jetstr
     }
 }
 
+/// A worker whose messages survive a loaded machine: a short ack wait would
+/// let a slow CI box exhaust `max_deliver` on messages nobody failed.
 const WORKER: &str = r#"
 [[trigger]]
-jetstream = { stream = "WORK", durable = "workers", filter = "work.>", ack_wait_ms = 2000 }
+jetstream = { stream = "WORK", durable = "workers", filter = "work.>", ack_wait_ms = 5000, max_deliver = 100 }
 [permissions]
 publish = ["results.>"]
 [config]
