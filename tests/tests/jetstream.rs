@@ -87,15 +87,21 @@ publish = ["results.>"]
 results = "results.out"
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
-    let server = nats();
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
+/// The WORK and RESULTS streams, and a handlers directory with the
+/// `jsworker` guest under `manifest`.
+async fn worker_setup(server: &NatsServer, manifest: &str) -> (jetstream::Context, HandlerDir) {
+    let js = jetstream::new(client(server).await);
     make_stream(&js, "WORK", &["work.>"]).await;
     make_stream(&js, "RESULTS", &["results.>"]).await;
     let dir = HandlerDir::new();
-    dir.add("worker", "worker", "jsworker", WORKER);
+    dir.add("worker", "worker", "jsworker", manifest);
+    (js, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
+    let server = nats();
+    let (js, dir) = worker_setup(&server, WORKER).await;
     let host_a = start_host(&server, &dir).await;
     let host_b = start_host(&server, &dir).await;
 
@@ -119,12 +125,7 @@ async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_killed_mid_stream_loses_nothing_after_restart() {
     let server = nats();
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    make_stream(&js, "WORK", &["work.>"]).await;
-    make_stream(&js, "RESULTS", &["results.>"]).await;
-    let dir = HandlerDir::new();
-    dir.add("worker", "worker", "jsworker", WORKER);
+    let (js, dir) = worker_setup(&server, WORKER).await;
     let spawn = || {
         NatsfnProcess::spawn(
             env!("CARGO_BIN_EXE_natsfn-cli"),
@@ -166,12 +167,7 @@ async fn the_host_rides_out_a_server_restart() {
     let store = tempfile::tempdir().unwrap();
     let mut server = NatsServer::builder().store_dir(store.path()).start().unwrap();
     let port = server.port();
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    make_stream(&js, "WORK", &["work.>"]).await;
-    make_stream(&js, "RESULTS", &["results.>"]).await;
-    let dir = HandlerDir::new();
-    dir.add("worker", "worker", "jsworker", WORKER);
+    let (js, dir) = worker_setup(&server, WORKER).await;
     let host = start_host(&server, &dir).await;
 
     publish_numbered(&js, "work", 5_000).await;
@@ -346,12 +342,7 @@ async fn ack_pending_never_exceeds_max_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_consumer_drains_a_burst_promptly() {
     let server = nats();
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    make_stream(&js, "WORK", &["work.>"]).await;
-    make_stream(&js, "RESULTS", &["results.>"]).await;
-    let dir = HandlerDir::new();
-    dir.add("worker", "worker", "jsworker", WORKER);
+    let (js, dir) = worker_setup(&server, WORKER).await;
     let host = start_host(&server, &dir).await;
 
     // Longer than a pull stays open, so the burst meets a re-issued pull.
@@ -389,12 +380,7 @@ async fn in_progress_keeps_a_long_job_from_being_redelivered() {
 #[tokio::test]
 async fn msg_id_makes_a_redelivered_write_idempotent() {
     let server = nats();
-    let client = client(&server).await;
-    let js = jetstream::new(client.clone());
-    make_stream(&js, "WORK", &["work.>"]).await;
-    make_stream(&js, "RESULTS", &["results.>"]).await;
-    let dir = HandlerDir::new();
-    dir.add("worker", "worker", "jsworker", &format!("{WORKER}retry_first_delivery = \"true\"\n"));
+    let (js, dir) = worker_setup(&server, &format!("{WORKER}retry_first_delivery = \"true\"\n")).await;
     let host = start_host(&server, &dir).await;
     publish_numbered(&js, "work", 50).await;
     drained(&js, "WORK", "workers").await;
