@@ -592,10 +592,20 @@ fn resolve_jetstream(raw: RawJetStream, limits: &Limits) -> Result<JetStreamTrig
         Some(n) => Ok(n),
         None => Ok(default),
     };
-    let ack_wait = match raw.ack_wait_ms {
-        Some(0) => return Err(("ack_wait_ms".into(), "must be at least 1".into())),
-        Some(ms) => Duration::from_millis(ms),
-        None => d::ACK_WAIT,
+    // The server replaces ack_wait with the first backoff step; accepting
+    // both would silently ignore one of them.
+    let ack_wait = match (raw.ack_wait_ms, raw.backoff_ms.first()) {
+        (Some(_), Some(_)) => {
+            return Err((
+                "ack_wait_ms".into(),
+                "is ignored by the server when backoff_ms is set (the first backoff step is the ack wait); set one"
+                    .into(),
+            ))
+        }
+        (Some(0), None) => return Err(("ack_wait_ms".into(), "must be at least 1".into())),
+        (Some(ms), None) => Duration::from_millis(ms),
+        (None, Some(&first)) => Duration::from_millis(first),
+        (None, None) => d::ACK_WAIT,
     };
     let dead_letter =
         raw.dead_letter.map(|s| s.parse()).transpose().map_err(|e| ("dead_letter".to_owned(), format!("{e}")))?;
@@ -798,7 +808,7 @@ mod tests {
     #[test]
     fn jetstream_trigger_parses_with_defaults_and_names_bad_fields() {
         let m = parse(
-            "name = \"w\"\n[limits]\nmax_concurrency = 7\n[[trigger]]\njetstream = { stream = \"ORDERS\", durable = \"w\", filter = [\"orders.>\", \"refunds.*\"], ack_wait_ms = 500, max_deliver = 3, backoff_ms = [10, 20], dead_letter = \"orders.dlq\", on_error = \"nak\" }\n",
+            "name = \"w\"\n[limits]\nmax_concurrency = 7\n[[trigger]]\njetstream = { stream = \"ORDERS\", durable = \"w\", filter = [\"orders.>\", \"refunds.*\"], max_deliver = 3, backoff_ms = [500, 20], dead_letter = \"orders.dlq\", on_error = \"nak\" }\n",
         )
         .unwrap();
         let Trigger::JetStream(js) = &m.triggers[0] else { panic!("not jetstream") };
@@ -806,7 +816,7 @@ mod tests {
         assert_eq!(js.filters.len(), 2);
         assert_eq!(js.ack_wait, Duration::from_millis(500));
         assert_eq!((js.max_deliver, js.batch, js.max_ack_pending), (3, 7, 1000));
-        assert_eq!(js.backoff, vec![Duration::from_millis(10), Duration::from_millis(20)]);
+        assert_eq!(js.backoff, vec![Duration::from_millis(500), Duration::from_millis(20)]);
         assert_eq!(js.dead_letter.as_ref().unwrap().as_str(), "orders.dlq");
         assert_eq!((js.on_error, &js.deliver), (OnError::Nak, &DeliverFrom::All));
 
@@ -820,6 +830,8 @@ mod tests {
             .contains("jetstream.start_sequence: is required"));
         assert!(js("stream = \"S\", durable = \"d\", deliver = \"by-start-time\", start_time = \"yesterday\"")
             .contains("jetstream.start_time: "));
+        assert!(js("stream = \"S\", durable = \"d\", ack_wait_ms = 5, backoff_ms = [1]")
+            .contains("jetstream.ack_wait_ms: is ignored by the server when backoff_ms is set"));
         assert!(js("stream = \"S\", durable = \"d\", max_deliver = 0")
             .contains("jetstream.max_deliver: must be at least 1"));
         assert!(js("stream = \"S\", durable = \"d\", dead_letter = \"dlq.*\"").contains("jetstream.dead_letter: "));

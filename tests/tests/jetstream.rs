@@ -445,3 +445,38 @@ async fn a_missing_stream_is_named_unless_the_host_may_create_it() {
     assert_eq!(created.info().await.unwrap().config.subjects, vec!["nope.>".to_string()]);
     host.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_consumer_is_created_and_updated_to_match_the_manifest() {
+    let server = nats();
+    let js = jetstream::new(client(&server).await);
+    make_stream(&js, "ORDERS", &["orders.>", "refunds.>"]).await;
+    let dir = HandlerDir::new();
+    let manifest = |max_ack_pending: u32| {
+        format!(
+            "[[trigger]]\njetstream = {{ stream = \"ORDERS\", durable = \"shaped\", filter = [\"orders.>\", \"refunds.*\"], deliver = \"by-start-sequence\", start_sequence = 3, max_deliver = 4, backoff_ms = [4000, 200], max_ack_pending = {max_ack_pending} }}"
+        )
+    };
+    dir.add("shaped", "shaped", "jsworker", &manifest(7));
+    let host = start_host(&server, &dir).await;
+    let mut c = consumer(&js, "ORDERS", "shaped").await;
+    let config = c.info().await.unwrap().config.clone();
+    assert_eq!(config.durable_name.as_deref(), Some("shaped"));
+    assert_eq!(config.filter_subjects, vec!["orders.>".to_string(), "refunds.*".to_string()]);
+    assert!(matches!(
+        config.deliver_policy,
+        async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: 3 }
+    ));
+    assert_eq!(config.ack_wait, Duration::from_millis(4000));
+    assert_eq!(config.max_deliver, 4);
+    assert_eq!(config.backoff, vec![Duration::from_millis(4000), Duration::from_millis(200)]);
+    assert_eq!(config.max_ack_pending, 7);
+    host.shutdown().await;
+
+    // A changed manifest updates the same durable in place.
+    dir.add("shaped", "shaped", "jsworker", &manifest(9));
+    let host = start_host(&server, &dir).await;
+    let mut c = consumer(&js, "ORDERS", "shaped").await;
+    assert_eq!(c.info().await.unwrap().config.max_ack_pending, 9);
+    host.shutdown().await;
+}
