@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::buckets::{BucketKind, BucketSpec};
 use crate::local_server::NatsServer;
 use crate::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError};
-use crate::Host;
+use crate::{Host, HostConfig};
 
 /// Run sandboxed WebAssembly handlers on NATS subjects.
 #[derive(Debug, Parser)]
@@ -29,7 +29,7 @@ enum Command {
     /// and prints what changed; starts a local nats-server unless --nats.
     Dev(RunArgs),
     /// Check manifests and components without connecting to NATS.
-    Validate(HandlerDirs),
+    Validate(ValidateArgs),
     /// Send one request and print the reply: a small NATS client for trying
     /// handlers out without installing another tool.
     Request(SendArgs),
@@ -56,10 +56,20 @@ struct SendArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+struct ValidateArgs {
+    #[command(flatten)]
+    handlers: HandlerDirs,
+
+    /// A host config file to check too (its `handlers` are validated).
+    #[arg(long, value_name = "FILE", env = "NATSFN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 struct HandlerDirs {
     /// A directory of handlers: `<name>.toml` manifests beside their `.wasm`,
     /// or folders holding a `natsfn.toml`. Repeat for several directories.
-    #[arg(long = "handlers", value_name = "DIR", required = true, env = "NATSFN_HANDLERS", value_delimiter = ',')]
+    #[arg(long = "handlers", value_name = "DIR", env = "NATSFN_HANDLERS", value_delimiter = ',')]
     dirs: Vec<PathBuf>,
 }
 
@@ -68,8 +78,14 @@ struct RunArgs {
     #[command(flatten)]
     handlers: HandlerDirs,
 
-    /// NATS server URL. Without it, natsfn starts a local nats-server (with
-    /// JetStream, on a free loopback port) and stops it on exit.
+    /// Host config file (TOML): tenants with their NATS credentials, TLS and
+    /// limits, handler directories, pool size. See the README.
+    #[arg(long, value_name = "FILE", env = "NATSFN_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// NATS server URL. Without it (here or in the host config), natsfn
+    /// starts a local nats-server (with JetStream, on a free loopback port)
+    /// and stops it on exit.
     #[arg(long, value_name = "URL", env = "NATSFN_NATS")]
     nats: Option<String>,
 
@@ -105,8 +121,9 @@ struct RunArgs {
     object_buckets: Vec<BucketSpec>,
 
     /// Instances alive at once across all handlers (the instance pool size).
-    #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES, env = "NATSFN_MAX_INSTANCES")]
-    max_instances: u32,
+    /// [default: the host config's `max_instances`, else 256]
+    #[arg(long, value_name = "N", env = "NATSFN_MAX_INSTANCES")]
+    max_instances: Option<u32>,
 
     #[command(flatten)]
     tracing: TracingArgs,
@@ -208,9 +225,20 @@ impl Cli {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    let config = match args.config.as_deref().map(HostConfig::load).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.handlers.dirs.is_empty() && config.as_ref().is_none_or(|c| c.handlers.is_empty()) {
+        eprintln!("natsfn: no handlers directory: give --handlers DIR (or `handlers` in the host config)");
+        return ExitCode::from(2);
+    }
     // Kept alive for the whole run: dropping it stops the server.
     let mut local = None;
-    let url = match args.nats {
+    let url = match args.nats.or_else(|| config.as_ref().and_then(|c| c.nats.clone())) {
         Some(url) => url,
         None => match NatsServer::start() {
             Ok(server) => {
@@ -230,6 +258,9 @@ async fn run(args: RunArgs) -> ExitCode {
     };
 
     let mut builder = Host::builder();
+    if let Some(config) = config {
+        builder = builder.config(config);
+    }
     if !args.no_cache {
         if let Some(dir) = args.cache_dir.or_else(default_cache_dir) {
             builder = builder.cache_dir(dir);
@@ -238,10 +269,12 @@ async fn run(args: RunArgs) -> ExitCode {
     for spec in args.kv_buckets.into_iter().chain(args.object_buckets) {
         builder = builder.bucket(spec);
     }
+    if let Some(n) = args.max_instances {
+        builder = builder.max_instances(n);
+    }
     let built = builder
         .nats_url(&url)
         .handlers_dir_all(args.handlers.dirs)
-        .max_instances(args.max_instances)
         .create_streams(args.create_streams)
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .build()
@@ -327,8 +360,25 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn validate(dirs: HandlerDirs) -> ExitCode {
-    match crate::host::validate(&dirs.dirs).await {
+async fn validate(args: ValidateArgs) -> ExitCode {
+    let mut dirs = args.handlers.dirs;
+    if let Some(path) = &args.config {
+        match HostConfig::load(path) {
+            Ok(config) => {
+                println!("ok: host config {} ({} tenants)", path.display(), config.tenants.len());
+                dirs.extend(config.handlers);
+            }
+            Err(e) => {
+                println!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if dirs.is_empty() {
+        eprintln!("natsfn: nothing to validate: give --handlers DIR or --config FILE");
+        return ExitCode::from(2);
+    }
+    match crate::host::validate(&dirs).await {
         Ok((ok, errors)) => {
             for h in &ok {
                 println!("ok: {} (tenant {}) from {}", h.name, h.tenant, h.origin.display());

@@ -20,11 +20,12 @@ use tokio_util::task::TaskTracker;
 use crate::buckets::BucketSpec;
 use crate::dispatch::{Dispatcher, HandlerStats, LoadedHandler};
 use crate::engine::{CacheOutcome, Engine, EngineError};
-use crate::hostcalls::Buckets;
 use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
 use crate::registry::{Binding, HandlerSlot};
 use crate::reload::{Entry, HandlerKey, Registry, ReloadError, ReloadReport, Reloader};
+use crate::tenant::config::{HostConfig, TenantConfig};
+use crate::tenant::{Tenant, TenantError, TenantStats, Tenants, UnknownTenant};
 use crate::triggers::TriggerError;
 
 /// Why a host could not be built or started.
@@ -60,6 +61,12 @@ pub enum HostError {
     /// The WebAssembly engine could not be set up.
     #[error(transparent)]
     Engine(EngineError),
+    /// A tenant names no server URL and the host has none to lend it.
+    #[error("tenant `{tenant}` has no `url` and the host has no NATS URL (give one with nats_url(), --nats or `nats` in the host config)")]
+    TenantUrl {
+        /// The tenant.
+        tenant: crate::manifest::TenantId,
+    },
 }
 
 /// A handler that was not loaded, and why. Its `Display` names the file.
@@ -94,6 +101,30 @@ pub enum LoadError {
         /// What the engine said.
         source: EngineError,
     },
+    /// The handler's tenant is not declared, or did not start.
+    #[error("{}: tenant: {source}", path.display())]
+    Tenant {
+        /// The handler's manifest.
+        path: PathBuf,
+        /// Why the tenant cannot take it.
+        source: UnknownTenant,
+    },
+    /// The tenant already has as many handlers as its limits allow.
+    #[error("{}: handler {handler}: tenant `{tenant}` already has its limit of {max} handlers (limits.max_handlers)", path.display())]
+    TooManyHandlers {
+        /// The handler's manifest.
+        path: PathBuf,
+        /// The handler.
+        handler: HandlerName,
+        /// Its tenant.
+        tenant: TenantId,
+        /// The tenant's `limits.max_handlers`.
+        max: u32,
+    },
+    /// A tenant declared in the host config did not start; its handlers
+    /// are not loaded (they are listed separately).
+    #[error(transparent)]
+    TenantStart(#[from] TenantError),
 }
 
 /// Where the host's NATS connection comes from.
@@ -101,6 +132,17 @@ enum NatsSource {
     None,
     Url(String),
     Client(async_nats::Client),
+}
+
+/// A handler manifest whose component compiled, not yet given its tenant's
+/// runtime state.
+struct Prepared {
+    manifest: Manifest,
+    compiled: crate::engine::Compiled,
+    cache: CacheOutcome,
+    /// For handlers from files: what reload compares.
+    fingerprint: Option<String>,
+    tenant: Option<Arc<Tenant>>,
 }
 
 /// A handler given to the builder as bytes instead of files.
@@ -132,9 +174,42 @@ pub struct HostBuilder {
     create_streams: bool,
     buckets: Vec<BucketSpec>,
     cache_dir: Option<PathBuf>,
+    tenants: Vec<TenantConfig>,
+    fuel: bool,
 }
 
 impl HostBuilder {
+    /// Applies a host config file: its tenants, its handler directories,
+    /// its pool size, and its NATS URL unless one was given already.
+    pub fn config(mut self, config: HostConfig) -> Self {
+        if matches!(self.nats, NatsSource::None) {
+            if let Some(url) = config.nats {
+                self.nats = NatsSource::Url(url);
+            }
+        }
+        if let Some(n) = config.max_instances {
+            self.max_instances = n;
+        }
+        self.dirs.extend(config.handlers);
+        self.tenants.extend(config.tenants);
+        self
+    }
+
+    /// Declares a tenant: handlers naming it run on its own connection,
+    /// within its limits. Once any tenant is declared, handlers naming an
+    /// undeclared tenant are not loaded.
+    pub fn tenant(mut self, tenant: TenantConfig) -> Self {
+        self.tenants.push(tenant);
+        self
+    }
+
+    /// Meters fuel, so handlers may set `limits.fuel` (on by itself when a
+    /// declared tenant sets a fuel limit). It costs some guest speed.
+    pub fn fuel_metering(mut self, on: bool) -> Self {
+        self.fuel = on;
+        self
+    }
+
     /// Keeps compiled machine code in `dir`, keyed by component hash and
     /// engine settings, so a restart skips compiling unchanged components.
     /// Off by default for embedders; the CLI uses the user's cache folder.
@@ -217,33 +292,70 @@ impl HostBuilder {
     /// to load are listed in [`Host::load_errors`] (and logged); only a
     /// problem that affects every handler is an error here.
     pub async fn build(self) -> Result<Host, HostError> {
-        let (nats, owns_connection) = match self.nats {
-            NatsSource::None => return Err(HostError::NoNats),
-            NatsSource::Client(c) => (c, false),
-            NatsSource::Url(url) => {
-                let client = async_nats::ConnectOptions::new()
-                    .name("natsfn")
-                    .connect(&url)
-                    .await
-                    .map_err(|source| HostError::Connect { url, source })?;
-                (client, true)
+        let (mut tenants, tenant_errors, host_connection) = if self.tenants.is_empty() {
+            let (nats, owns) = match self.nats {
+                NatsSource::None => return Err(HostError::NoNats),
+                NatsSource::Client(c) => (c, false),
+                NatsSource::Url(url) => {
+                    let client = async_nats::ConnectOptions::new()
+                        .name("natsfn")
+                        .connect(&url)
+                        .await
+                        .map_err(|source| HostError::Connect { url, source })?;
+                    (client, true)
+                }
+            };
+            let js = async_nats::jetstream::new(nats.clone());
+            for spec in &self.buckets {
+                spec.ensure(&js).await.map_err(|reason| HostError::Bucket { name: spec.name.to_string(), reason })?;
             }
+            (Tenants::shared(nats.clone()), Vec::new(), Some((nats, owns)))
+        } else {
+            // Tenants connect on their own; the host's URL is only the
+            // default for those that name none.
+            let default_url = match self.nats {
+                NatsSource::Url(url) => url,
+                _ => String::new(),
+            };
+            if default_url.is_empty() {
+                if let Some(t) = self.tenants.iter().find(|t| t.url.is_none()) {
+                    return Err(HostError::TenantUrl { tenant: t.id.clone() });
+                }
+            }
+            let mut tenants = self.tenants.clone();
+            for t in &mut tenants {
+                t.buckets.extend(self.buckets.iter().cloned());
+            }
+            let (running, errors) = Tenants::start(&tenants, &default_url).await;
+            (running, errors, None)
         };
-        let js = async_nats::jetstream::new(nats.clone());
-        for spec in &self.buckets {
-            spec.ensure(&js).await.map_err(|reason| HostError::Bucket { name: spec.name.to_string(), reason })?;
-        }
-        let engine = Engine::new(self.max_instances, self.cache_dir).map_err(HostError::Engine)?;
+        // Every tenant's instance share must fit in the pool, or one tenant
+        // could take instances promised to another.
+        let shares: u32 = self.tenants.iter().filter_map(|t| t.limits.max_instances).sum();
+        let max_instances = self.max_instances.max(shares);
+        let fuel = self.fuel || self.tenants.iter().any(|t| t.limits.fuel.is_some());
+        let engine = Engine::new(max_instances, self.cache_dir, fuel).map_err(HostError::Engine)?;
 
-        let (handlers, load_errors, fingerprints) = load_all(&engine, &self.dirs, self.inline).await?;
+        let (prepared, mut load_errors) = load_all(&engine, &self.dirs, self.inline, Some(&mut tenants)).await?;
+        load_errors.splice(0..0, tenant_errors.into_iter().map(LoadError::TenantStart));
+        let mut handlers = Vec::new();
+        let mut fingerprints = HashMap::new();
+        for p in prepared {
+            let Some(tenant) = p.tenant else { continue };
+            let h = LoadedHandler::new(p.manifest, p.compiled, p.cache, tenant);
+            if let Some(fp) = p.fingerprint {
+                fingerprints.insert((h.manifest.tenant.clone(), h.manifest.name.clone()), fp);
+            }
+            handlers.push(Arc::new(h));
+        }
 
         Ok(Host {
             engine,
-            nats,
-            owns_connection,
+            tenants,
+            host_connection,
             handlers,
             load_errors,
-            max_instances: self.max_instances,
+            max_instances,
             shutdown_timeout: self.shutdown_timeout,
             create_streams: self.create_streams,
             dirs: self.dirs,
@@ -252,13 +364,15 @@ impl HostBuilder {
     }
 }
 
-/// Loads every handler from `dirs` and `inline`: the loaded ones, and an
-/// error for each that was skipped.
+/// Loads every handler from `dirs` and `inline`: those that compiled (and,
+/// given `tenants`, were admitted by their tenant), and an error for each
+/// that was skipped.
 async fn load_all(
     engine: &Engine,
     dirs: &[PathBuf],
     inline: Vec<InlineHandler>,
-) -> Result<(Vec<Arc<LoadedHandler>>, Vec<LoadError>, HashMap<HandlerKey, String>), HostError> {
+    mut tenants: Option<&mut Tenants>,
+) -> Result<(Vec<Prepared>, Vec<LoadError>), HostError> {
     // A manifest, with its component bytes when they were given inline.
     type Candidate = Result<(Manifest, Option<Vec<u8>>), LoadError>;
     let mut candidates: Vec<Candidate> = Vec::new();
@@ -274,21 +388,29 @@ async fn load_all(
         candidates.push(parsed.map_err(LoadError::from));
     }
 
-    let mut handlers: Vec<Arc<LoadedHandler>> = Vec::new();
+    let mut loaded: Vec<Prepared> = Vec::new();
     let mut load_errors = Vec::new();
-    let mut fingerprints = HashMap::new();
     for candidate in candidates {
-        let loaded = match candidate {
-            Ok((manifest, wasm)) => load(engine, manifest, wasm, &handlers).await,
+        let prepared = match candidate {
+            Ok((mut manifest, wasm)) => {
+                let admitted = match tenants.as_deref_mut() {
+                    Some(tenants) => {
+                        let in_tenant = loaded.iter().filter(|p| p.manifest.tenant == manifest.tenant).count();
+                        admit(tenants, &mut manifest, engine, in_tenant).map(Some)
+                    }
+                    None => Ok(None),
+                };
+                match admitted {
+                    Ok(tenant) => load(engine, manifest, wasm, &loaded, tenant).await,
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
-        match loaded {
-            Ok((h, fingerprint)) => {
-                log_loaded(&h);
-                if let Some(fp) = fingerprint {
-                    fingerprints.insert((h.manifest.tenant.clone(), h.manifest.name.clone()), fp);
-                }
-                handlers.push(Arc::new(h));
+        match prepared {
+            Ok(p) => {
+                log_loaded(&p);
+                loaded.push(p);
             }
             Err(e) => {
                 tracing::error!("handler not loaded: {e}");
@@ -296,15 +418,49 @@ async fn load_all(
             }
         }
     }
-    Ok((handlers, load_errors, fingerprints))
+    Ok((loaded, load_errors))
+}
+
+/// Gives a handler to its tenant: the tenant must exist and have room for
+/// one more handler (`in_tenant` are loaded already), and the handler's
+/// limits are lowered to the tenant's ceilings.
+pub(crate) fn admit(
+    tenants: &mut Tenants,
+    manifest: &mut Manifest,
+    engine: &Engine,
+    in_tenant: usize,
+) -> Result<Arc<Tenant>, LoadError> {
+    let tenant =
+        tenants.get(&manifest.tenant).map_err(|source| LoadError::Tenant { path: manifest.origin.clone(), source })?;
+    if let Some(max) = tenant.limits.max_handlers {
+        if in_tenant >= max as usize {
+            return Err(LoadError::TooManyHandlers {
+                path: manifest.origin.clone(),
+                handler: manifest.name.clone(),
+                tenant: manifest.tenant.clone(),
+                max,
+            });
+        }
+    }
+    for lowered in tenant.cap(manifest) {
+        tracing::warn!(handler = %manifest.name, tenant = %manifest.tenant, "{}: lowered to the tenant's limit: {lowered}", manifest.origin.display());
+    }
+    if manifest.limits.fuel.is_some() && !engine.meters_fuel() {
+        return Err(LoadError::Manifest(ManifestError::Field {
+            path: manifest.origin.clone(),
+            field: "limits.fuel".into(),
+            problem: "this host does not meter fuel (enable it with a tenant fuel limit in the host config, or HostBuilder::fuel_metering)".into(),
+        }));
+    }
+    Ok(tenant)
 }
 
 /// Loads and compiles the handlers in `dirs` without connecting to NATS:
 /// what `natsfn validate` runs. Returns what loaded and what did not.
 pub async fn validate(dirs: &[PathBuf]) -> Result<(Vec<HandlerInfo>, Vec<LoadError>), HostError> {
-    let engine = Engine::new(1, None).map_err(HostError::Engine)?;
-    let (handlers, errors, _) = load_all(&engine, dirs, Vec::new()).await?;
-    Ok((handlers.iter().map(|h| info(h)).collect(), errors))
+    let engine = Engine::new(1, None, true).map_err(HostError::Engine)?;
+    let (prepared, errors) = load_all(&engine, dirs, Vec::new(), None).await?;
+    Ok((prepared.iter().map(|p| info_of(&p.manifest, &p.compiled, p.cache)).collect(), errors))
 }
 
 /// Reads (if needed) and compiles one handler's component off the async
@@ -315,8 +471,9 @@ async fn load(
     engine: &Engine,
     manifest: Manifest,
     wasm: Option<Vec<u8>>,
-    loaded: &[Arc<LoadedHandler>],
-) -> Result<(LoadedHandler, Option<String>), LoadError> {
+    loaded: &[Prepared],
+    tenant: Option<Arc<Tenant>>,
+) -> Result<Prepared, LoadError> {
     if let Some(first) =
         loaded.iter().find(|h| h.manifest.name == manifest.name && h.manifest.tenant == manifest.tenant)
     {
@@ -336,7 +493,7 @@ async fn load(
     };
     let path = manifest.component.clone().unwrap_or_else(|| manifest.origin.clone());
     let (compiled, cache) = compile(engine, wasm, path).await?;
-    Ok((LoadedHandler::new(manifest, compiled, cache), fingerprint))
+    Ok(Prepared { manifest, compiled, cache, fingerprint, tenant })
 }
 
 /// Compiles on a blocking thread; `path` names the component in errors.
@@ -352,7 +509,7 @@ pub(crate) async fn compile(
         .map_err(|source| LoadError::Component { path, source })
 }
 
-fn log_loaded(h: &LoadedHandler) {
+fn log_loaded(h: &Prepared) {
     let m = &h.manifest;
     let triggers: Vec<String> = m.triggers.iter().map(Trigger::to_string).collect();
     tracing::info!(
@@ -371,8 +528,10 @@ fn log_loaded(h: &LoadedHandler) {
 /// A host with its handlers loaded, not yet bound to any subject.
 pub struct Host {
     engine: Engine,
-    nats: async_nats::Client,
-    owns_connection: bool,
+    tenants: Tenants,
+    /// The host's own connection (no host config), and whether the host
+    /// opened it.
+    host_connection: Option<(async_nats::Client, bool)>,
     handlers: Vec<Arc<LoadedHandler>>,
     load_errors: Vec<LoadError>,
     max_instances: u32,
@@ -412,6 +571,8 @@ impl Host {
             create_streams: false,
             buckets: Vec::new(),
             cache_dir: None,
+            tenants: Vec::new(),
+            fuel: false,
         }
     }
 
@@ -425,9 +586,9 @@ impl Host {
         &self.load_errors
     }
 
-    /// The NATS client the host uses.
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
+    /// The tenants that started, with their counters.
+    pub fn tenants(&self) -> Vec<(TenantId, TenantStats)> {
+        self.tenants.all().map(|t| (t.id.clone(), t.stats())).collect()
     }
 
     /// Binds every trigger and returns once the server has them (after a
@@ -436,8 +597,7 @@ impl Host {
         let shutdown = CancellationToken::new();
         let dispatcher = Dispatcher {
             engine: self.engine,
-            nats: self.nats.clone(),
-            buckets: Arc::new(Buckets::new(self.nats.clone())),
+            tenants: Arc::new(std::sync::Mutex::new(self.tenants)),
             instance_permits: Arc::new(tokio::sync::Semaphore::new(self.max_instances as usize)),
             invocations: TaskTracker::new(),
             abandon: CancellationToken::new(),
@@ -466,9 +626,7 @@ impl Host {
                 }
             }
         }
-        if let Err(e) = self.nats.flush().await {
-            tracing::warn!("cannot flush subscriptions to the server: {e}");
-        }
+        dispatcher.flush().await;
         let triggers: usize = registry.values().map(|e| e.binding.len()).sum();
         tracing::info!(handlers = registry.len(), triggers, "natsfn ready");
         let reloader = Arc::new(Reloader {
@@ -480,8 +638,7 @@ impl Host {
             shutdown: shutdown.clone(),
         });
         Ok(RunningHost {
-            nats: self.nats,
-            owns_connection: self.owns_connection,
+            host_connection: self.host_connection,
             load_errors,
             reloader,
             dispatcher,
@@ -499,20 +656,23 @@ impl Host {
 }
 
 pub(crate) fn info(h: &LoadedHandler) -> HandlerInfo {
+    info_of(&h.manifest, &h.compiled, h.cache)
+}
+
+fn info_of(m: &Manifest, compiled: &crate::engine::Compiled, cache: CacheOutcome) -> HandlerInfo {
     HandlerInfo {
-        name: h.manifest.name.clone(),
-        tenant: h.manifest.tenant.clone(),
-        version: h.compiled.digest.clone(),
-        triggers: h.manifest.triggers.clone(),
-        origin: h.manifest.origin.clone(),
-        cache: h.cache,
+        name: m.name.clone(),
+        tenant: m.tenant.clone(),
+        version: compiled.digest.clone(),
+        triggers: m.triggers.clone(),
+        origin: m.origin.clone(),
+        cache,
     }
 }
 
 /// A host whose triggers are bound and serving.
 pub struct RunningHost {
-    nats: async_nats::Client,
-    owns_connection: bool,
+    host_connection: Option<(async_nats::Client, bool)>,
     load_errors: Vec<LoadError>,
     reloader: Arc<Reloader>,
     dispatcher: Dispatcher,
@@ -549,6 +709,12 @@ impl RunningHost {
     /// Counters of the handler named `name` (in any tenant).
     pub fn handler_stats(&self, name: &str) -> Option<HandlerStats> {
         self.reloader.current().iter().find(|h| h.manifest.name.as_str() == name).map(|h| h.stats.snapshot())
+    }
+
+    /// Every tenant's counters.
+    pub fn tenant_stats(&self) -> Vec<(TenantId, TenantStats)> {
+        let tenants = self.dispatcher.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants.all().map(|t| (t.id.clone(), t.stats())).collect()
     }
 
     /// Re-reads the handlers directories and applies what changed: new
@@ -591,13 +757,17 @@ impl RunningHost {
         // client's buffer: push them out before letting go.
         // Client::drain closes without waiting for buffered publishes, so
         // flush first: the PONG proves the server has every reply and ack.
-        if let Err(e) = self.nats.flush().await {
-            tracing::warn!("cannot flush the NATS connection on shutdown: {e}");
+        if !self.dispatcher.flush().await {
             clean = false;
         }
-        if self.owns_connection {
-            if let Err(e) = self.nats.drain().await {
-                tracing::warn!("cannot drain the NATS connection on shutdown: {e}");
+        let mut owned =
+            self.dispatcher.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).owned_connections();
+        if let Some((nats, true)) = &self.host_connection {
+            owned.push(nats.clone());
+        }
+        for nats in owned {
+            if let Err(e) = nats.drain().await {
+                tracing::warn!("cannot drain a NATS connection on shutdown: {e}");
             }
         }
         tracing::info!(abandoned, clean, "natsfn stopped");

@@ -15,6 +15,8 @@
 //!   them to dispatch.
 //! - `dispatch`: one invocation, from instance to applied outcome, inside
 //!   its `process {subject}` span.
+//! - [`tenant`]: the host config file, tenants' own NATS connections,
+//!   limits and threads.
 //! - [`host`]: the embedding API ([`Host::builder`]) and ordered shutdown.
 //! - [`local_server`]: a child `nats-server` for development and tests.
 //! - [`telemetry`]: OpenTelemetry tracing (OTLP export, W3C trace context
@@ -23,7 +25,7 @@
 //!
 //! # Errors
 //! Each layer has its own error enum ([`manifest::ManifestError`],
-//! [`engine::EngineError`], [`HostError`], [`LoadError`],
+//! [`engine::EngineError`], [`tenant::config::ConfigError`], [`TenantError`], [`HostError`], [`LoadError`],
 //! [`telemetry::TelemetryError`]) whose message names the file, field,
 //! subject or setting at fault. Errors a guest can see are the WIT
 //! `error` variant, never a Rust error type.
@@ -47,6 +49,7 @@ pub mod reload;
 mod settle;
 pub mod subject;
 pub mod telemetry;
+pub mod tenant;
 mod triggers;
 mod wire;
 
@@ -55,4 +58,6 @@ pub use dispatch::HandlerStats;
 pub use host::{HandlerInfo, Host, HostBuilder, HostError, LoadError, RunningHost, ShutdownReport};
 pub use local_server::NatsServer;
 pub use reload::{ChangeKind, ReloadChange, ReloadError, ReloadReport};
+pub use tenant::config::{HostConfig, TenantConfig};
+pub use tenant::{TenantError, TenantStats};
 pub use triggers::TriggerError;

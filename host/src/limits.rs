@@ -51,6 +51,9 @@ pub struct Limits {
     pub timeout: Duration,
     /// Concurrent invocations of the handler.
     pub max_concurrency: u32,
+    /// Fuel (roughly, wasm instructions) one invocation may burn, when the
+    /// host meters fuel: a deterministic CPU bound, unlike the timeout.
+    pub fuel: Option<u64>,
 }
 
 impl Default for Limits {
@@ -59,6 +62,7 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_MB as usize * 1024 * 1024,
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            fuel: None,
         }
     }
 }

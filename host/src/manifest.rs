@@ -365,6 +365,7 @@ struct RawLimits {
     memory_mb: Option<u32>,
     timeout_ms: Option<u64>,
     max_concurrency: Option<u32>,
+    fuel: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -543,6 +544,12 @@ fn resolve_limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
             return Err(("limits.max_concurrency", "must be at least 1".into()));
         }
         limits.max_concurrency = n;
+    }
+    if let Some(fuel) = raw.fuel {
+        if fuel == 0 {
+            return Err(("limits.fuel", "must be at least 1".into()));
+        }
+        limits.fuel = Some(fuel);
     }
     Ok(limits)
 }

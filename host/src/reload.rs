@@ -223,7 +223,7 @@ impl Reloader {
 
     /// Loads `manifest` and puts it in service if it differs from what is
     /// serving under `key`.
-    async fn apply(&self, key: HandlerKey, manifest: Manifest) -> Result<Option<ReloadChange>, LoadError> {
+    async fn apply(&self, key: HandlerKey, mut manifest: Manifest) -> Result<Option<ReloadChange>, LoadError> {
         let (wasm, fingerprint) = read_sources(&manifest).await?;
         let existing = self.lock().get(&key).map(|e| (e.slot.clone(), e.fingerprint.clone(), e.from_dir));
         if let Some((_, old_fp, from_dir)) = &existing {
@@ -240,6 +240,16 @@ impl Reloader {
                 return Ok(None);
             }
         }
+        // A new handler must fit in its tenant's handler count; every
+        // version is held to the tenant's limits.
+        let in_tenant = match existing {
+            Some(_) => 0,
+            None => self.lock().keys().filter(|(t, _)| *t == manifest.tenant).count(),
+        };
+        let tenant = {
+            let mut tenants = self.dispatcher.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            crate::host::admit(&mut tenants, &mut manifest, &self.dispatcher.engine, in_tenant)?
+        };
 
         let path = manifest.component.clone().unwrap_or_else(|| manifest.origin.clone());
         let compiling = Instant::now();
@@ -247,11 +257,11 @@ impl Reloader {
         let compile_time = compiling.elapsed();
         let swapping = Instant::now();
         let version = compiled.digest.clone();
-        let (tenant, handler) = key.clone();
+        let (tenant_id, handler) = key.clone();
 
         let kind = match existing {
             None => {
-                let next = Arc::new(LoadedHandler::new(manifest, compiled, cache));
+                let next = Arc::new(LoadedHandler::new(manifest, compiled, cache, tenant));
                 let slot = HandlerSlot::new(next.clone());
                 let binding = self.bind(&slot, &next).await?;
                 self.lock().insert(key, Entry { slot, binding, fingerprint, from_dir: true });
@@ -292,7 +302,7 @@ impl Reloader {
         };
         let change = ReloadChange {
             handler,
-            tenant,
+            tenant: tenant_id,
             kind,
             version,
             compile: compile_time,
@@ -323,9 +333,7 @@ impl Reloader {
                 });
         // New subscriptions must reach the server before the change is
         // reported as serving.
-        if let Err(e) = self.dispatcher.nats.flush().await {
-            tracing::warn!("cannot flush new subscriptions: {e}");
-        }
+        self.dispatcher.flush().await;
         bound
     }
 

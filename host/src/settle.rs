@@ -113,6 +113,7 @@ fn describe_failure(outcome: &Outcome, manifest: &Manifest) -> String {
         Outcome::Trapped(why) => format!("handler trapped: {}", first_line(why)),
         Outcome::MemoryLimit => format!("handler hit its memory limit of {} MiB", manifest.limits.memory_bytes >> 20),
         Outcome::TimedOut => format!("handler timed out after {} ms", manifest.limits.timeout.as_millis()),
+        Outcome::OutOfFuel => format!("handler ran out of its fuel of {}", manifest.limits.fuel.unwrap_or(u64::MAX)),
     }
 }
 

@@ -218,6 +218,7 @@ impl Drop for NatsfnProcess {
 }
 
 pub mod otlp;
+pub mod tenancy;
 
 /// A multi-threaded runtime whose threads all use `dispatch` as their
 /// `tracing` subscriber (none when `None`). Each test or benchmark phase

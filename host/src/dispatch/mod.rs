@@ -25,8 +25,9 @@ use tracing::Instrument;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
-use crate::hostcalls::{Buckets, Decision, Invocation, JetStreamAck};
+use crate::hostcalls::{Decision, Invocation, JetStreamAck};
 use crate::manifest::{JetStreamTrigger, Manifest};
+use crate::tenant::{Tenant, Tenants};
 use crate::{settle, wire};
 
 /// A message handed from a trigger to dispatch.
@@ -51,19 +52,21 @@ pub struct LoadedHandler {
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     /// Shared by every version of the handler, so counters survive reloads.
     pub(crate) stats: Arc<Stats>,
+    /// The tenant it belongs to: its connection, limits and threads.
+    pub(crate) tenant: Arc<Tenant>,
 }
 
 impl LoadedHandler {
-    pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome) -> Self {
+    pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome, tenant: Arc<Tenant>) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
-        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default() }
+        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default(), tenant }
     }
 
     /// The next version of `self`'s handler. It shares the counters, and the
     /// concurrency permits unless `max_concurrency` changed, so the limit
     /// holds across old and new versions while both have work in flight.
     pub(crate) fn successor(&self, manifest: Manifest, compiled: Compiled, cache: CacheOutcome) -> Self {
-        let mut next = LoadedHandler::new(manifest, compiled, cache);
+        let mut next = LoadedHandler::new(manifest, compiled, cache, self.tenant.clone());
         next.stats = self.stats.clone();
         if next.manifest.limits.max_concurrency == self.manifest.limits.max_concurrency {
             next.permits = self.permits.clone();
@@ -85,6 +88,8 @@ pub(crate) enum Outcome {
     MemoryLimit,
     /// The invocation's wall-clock budget ran out.
     TimedOut,
+    /// The invocation burned all its fuel.
+    OutOfFuel,
 }
 
 /// Live counters of one handler. Updated with relaxed atomics: they are
@@ -104,6 +109,9 @@ pub(crate) struct Stats {
     termed: AtomicU64,
     dead_lettered: AtomicU64,
     peak_memory: AtomicU64,
+    out_of_fuel: AtomicU64,
+    denied: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 /// A snapshot of a handler's counters.
@@ -136,6 +144,12 @@ pub struct HandlerStats {
     pub dead_lettered: u64,
     /// The most linear memory any one instance of the handler held, in bytes.
     pub peak_memory: u64,
+    /// Invocations stopped when their fuel ran out.
+    pub out_of_fuel: u64,
+    /// Host calls refused by the handler's permissions.
+    pub denied: u64,
+    /// Sends refused by the tenant's publish rate.
+    pub rate_limited: u64,
 }
 
 impl Stats {
@@ -155,6 +169,9 @@ impl Stats {
             termed: get(&self.termed),
             dead_lettered: get(&self.dead_lettered),
             peak_memory: get(&self.peak_memory),
+            out_of_fuel: get(&self.out_of_fuel),
+            denied: get(&self.denied),
+            rate_limited: get(&self.rate_limited),
         }
     }
 
@@ -172,6 +189,14 @@ impl Stats {
 
     fn memory(&self, bytes: usize) {
         self.peak_memory.fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn denied(&self) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn dead_lettered(&self) {
@@ -192,6 +217,7 @@ impl Stats {
             Outcome::Trapped(_) => &self.trapped,
             Outcome::MemoryLimit => &self.memory_limit,
             Outcome::TimedOut => &self.timed_out,
+            Outcome::OutOfFuel => &self.out_of_fuel,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -202,7 +228,7 @@ impl Stats {
 /// is the invocation's span (the caller runs this inside it); host calls
 /// parent their spans on it.
 pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, delivery: Delivery, span: &tracing::Span) {
-    let (engine, nats) = (&dispatcher.engine, &dispatcher.nats);
+    let (engine, nats) = (&dispatcher.engine, &handler.tenant.nats);
     handler.stats.started();
     let manifest = &handler.manifest;
     let deadline = Instant::now() + manifest.limits.timeout;
@@ -222,10 +248,10 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
     let subject = wit_msg.subject.clone();
     let calls = Invocation {
         manifest: manifest.clone(),
-        nats: nats.clone(),
+        tenant: handler.tenant.clone(),
+        stats: handler.stats.clone(),
         deadline,
         jetstream,
-        buckets: dispatcher.buckets.clone(),
         table: wasmtime::component::ResourceTable::new(),
         span: span.clone(),
     };
@@ -250,6 +276,9 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
         }
     };
     handler.stats.memory(store.data().peak_memory());
+    if store.data().hit_tenant_memory() {
+        handler.tenant.count_memory_refused();
+    }
     let jetstream = store.data_mut().calls.jetstream.take();
     drop(store);
 
@@ -267,8 +296,10 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
 /// trap after a refused memory growth is the memory limit, whatever
 /// instruction the guest trapped on afterwards.
 fn classify_trap(err: &wasmtime::Error, hit_memory_limit: bool) -> Outcome {
-    if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
-        return Outcome::TimedOut;
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => return Outcome::TimedOut,
+        Some(wasmtime::Trap::OutOfFuel) => return Outcome::OutOfFuel,
+        _ => {}
     }
     if hit_memory_limit {
         return Outcome::MemoryLimit;
@@ -324,18 +355,20 @@ fn report(manifest: &Manifest, subject: &str, outcome: &Outcome) {
             timeout_ms = manifest.limits.timeout.as_millis() as u64,
             "handler stopped at its deadline"
         ),
+        Outcome::OutOfFuel => {
+            tracing::error!(handler, tenant, subject, fuel = manifest.limits.fuel, "handler ran out of fuel")
+        }
     }
 }
 
-/// What every trigger needs to start invocations: the engine, the tenant's
-/// connection, the host-wide instance permits and the task tracker that
-/// shutdown waits on.
+/// What every trigger needs to start invocations: the engine, the tenants,
+/// the host-wide instance permits and the task tracker that shutdown waits
+/// on. A trigger finds its tenant's connection on the handler.
 #[derive(Clone)]
 pub(crate) struct Dispatcher {
     pub(crate) engine: Engine,
-    pub(crate) nats: async_nats::Client,
-    /// KV and object buckets shared by every invocation.
-    pub(crate) buckets: Arc<Buckets>,
+    /// Every tenant, for flushing and for handlers loaded by a reload.
+    pub(crate) tenants: Arc<std::sync::Mutex<Tenants>>,
     /// One permit per pooled instance slot, so many handlers at their own
     /// concurrency limits can never exhaust the pool.
     pub(crate) instance_permits: Arc<tokio::sync::Semaphore>,
@@ -348,6 +381,7 @@ pub(crate) struct Dispatcher {
 /// The permits an admitted message holds until its invocation ends.
 pub(crate) struct Admission {
     _handler: tokio::sync::OwnedSemaphorePermit,
+    _tenant: Option<tokio::sync::OwnedSemaphorePermit>,
     _instance: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -358,16 +392,39 @@ impl Dispatcher {
         // The semaphores are never closed, so acquiring cannot fail.
         #[allow(clippy::expect_used)]
         let handler_permit = handler.permits.clone().acquire_owned().await.expect("handler semaphore is never closed");
-        self.admit_reserved(handler_permit).await
+        self.admit_reserved(handler, handler_permit).await
     }
 
     /// Like [`Self::admit`], for a trigger that reserved the handler's
     /// permit itself (a JetStream pull asks for as many messages as it holds
     /// permits).
-    pub(crate) async fn admit_reserved(&self, handler_permit: tokio::sync::OwnedSemaphorePermit) -> Admission {
+    ///
+    /// The tenant's permit comes before the host's: a tenant at its limit
+    /// waits on its own semaphore, and the host pool (sized to fit every
+    /// tenant's share) is never what one tenant's load fills.
+    pub(crate) async fn admit_reserved(
+        &self,
+        handler: &LoadedHandler,
+        handler_permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Admission {
+        let tenant = handler.tenant.admit().await;
         #[allow(clippy::expect_used)]
         let instance = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
-        Admission { _handler: handler_permit, _instance: instance }
+        Admission { _handler: handler_permit, _tenant: tenant, _instance: instance }
+    }
+
+    /// Flushes every tenant's connection, so what invocations sent is on
+    /// the server. Returns whether every flush succeeded.
+    pub(crate) async fn flush(&self) -> bool {
+        let connections = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).connections();
+        let mut ok = true;
+        for nats in connections {
+            if let Err(e) = nats.flush().await {
+                tracing::warn!("cannot flush a NATS connection: {e}");
+                ok = false;
+            }
+        }
+        ok
     }
 
     /// Runs `delivery` through `handler` in its own task, holding
@@ -381,7 +438,8 @@ impl Dispatcher {
         admission: Admission,
     ) {
         let this = self.clone();
-        self.invocations.spawn(async move {
+        let tenant = handler.tenant.clone();
+        tenant.spawn(&self.invocations, async move {
             let span = match &delivery {
                 Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(),
                 Delivery::JetStream(msg, _) => {

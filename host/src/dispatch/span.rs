@@ -156,6 +156,9 @@ pub(crate) fn record_outcome(span: &tracing::Span, handler: &LoadedHandler, outc
         Outcome::TimedOut => {
             ("timeout", Some(format!("handler stopped at its deadline of {} ms", limits.timeout.as_millis())))
         }
+        Outcome::OutOfFuel => {
+            ("out_of_fuel", Some(format!("handler ran out of its fuel of {}", limits.fuel.unwrap_or(u64::MAX))))
+        }
     };
     span.record("natsfn.outcome", kind);
     if let Some(error) = error {

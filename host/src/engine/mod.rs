@@ -36,6 +36,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::bindings::HandlerPre;
 use crate::hostcalls::{self, Invocation};
 use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB};
+use crate::tenant::MemoryBudget;
 
 /// Why a component could not be turned into a runnable handler.
 #[derive(Debug, thiserror::Error)]
@@ -91,16 +92,34 @@ impl StoreData {
     pub(crate) fn peak_memory(&self) -> usize {
         self.limiter.peak
     }
+
+    /// Whether a growth was refused because the tenant's memory budget was
+    /// spent (rather than the handler's own limit).
+    pub(crate) fn hit_tenant_memory(&self) -> bool {
+        self.limiter.hit_tenant
+    }
 }
 
-/// Refuses linear-memory growth past the handler's limit, the way the spec
-/// wants (`memory.grow` returns -1, the guest decides what to do), and
-/// remembers that it did.
+/// Refuses linear-memory growth past the handler's limit or past what is
+/// left of its tenant's budget, the way the spec wants (`memory.grow`
+/// returns -1, the guest decides what to do), and remembers that it did.
+/// What it reserved from the tenant is given back when the store drops.
 struct MemoryLimiter {
     max_bytes: usize,
     hit: bool,
+    hit_tenant: bool,
     /// The largest linear memory granted, for the handler's statistics.
     peak: usize,
+    tenant: Option<Arc<MemoryBudget>>,
+    reserved: usize,
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.tenant {
+            budget.release(self.reserved);
+        }
+    }
 }
 
 /// Table elements an instance may grow to; generous for real code, small
@@ -108,13 +127,24 @@ struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_bytes;
-        self.hit |= !ok;
-        if ok {
-            self.peak = self.peak.max(desired);
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            return Ok(false);
         }
-        Ok(ok)
+        // Wasmtime also asks here for a memory's initial size at
+        // instantiation (current = 0), so every byte is accounted for.
+        let more = desired.saturating_sub(current);
+        if let Some(budget) = &self.tenant {
+            if !budget.try_reserve(more) {
+                self.hit = true;
+                self.hit_tenant = true;
+                return Ok(false);
+            }
+            self.reserved += more;
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -128,12 +158,15 @@ pub struct Engine {
     inner: wasmtime::Engine,
     linker: Arc<Linker<StoreData>>,
     cache: Option<CodeCache>,
+    fuel: bool,
 }
 
 impl Engine {
     /// Builds an engine whose pool holds `max_instances` live instances,
-    /// caching compiled code in `cache_dir` when given.
-    pub fn new(max_instances: u32, cache_dir: Option<std::path::PathBuf>) -> Result<Engine, EngineError> {
+    /// caching compiled code in `cache_dir` when given. With `fuel`, compiled
+    /// code counts the instructions it runs so invocations can have a fuel
+    /// budget; that costs some speed in every guest, so it is opt-in.
+    pub fn new(max_instances: u32, cache_dir: Option<std::path::PathBuf>, fuel: bool) -> Result<Engine, EngineError> {
         let mut pool = PoolingAllocationConfig::new();
         // A Rust guest is one main core module plus a few small shims; leave
         // room for components made of several modules.
@@ -160,6 +193,7 @@ impl Engine {
             .concurrency_support(false)
             .epoch_interruption(true)
             .memory_init_cow(true)
+            .consume_fuel(fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let inner = wasmtime::Engine::new(&config).map_err(EngineError::Config)?;
 
@@ -168,7 +202,12 @@ impl Engine {
         hostcalls::add_to_linker(&mut linker, |d: &mut StoreData| &mut d.calls).map_err(EngineError::Config)?;
 
         spawn_epoch_ticker(&inner).map_err(EngineError::Ticker)?;
-        Ok(Engine { inner, linker: Arc::new(linker), cache: cache_dir.map(CodeCache::new) })
+        Ok(Engine { inner, linker: Arc::new(linker), cache: cache_dir.map(CodeCache::new), fuel })
+    }
+
+    /// Whether compiled code meters fuel.
+    pub fn meters_fuel(&self) -> bool {
+        self.fuel
     }
 
     /// Compiles `wasm` (or loads it from the compiled-code cache) and links
@@ -204,10 +243,22 @@ impl Engine {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limiter = MemoryLimiter { max_bytes: manifest.limits.memory_bytes, hit: false, peak: 0 };
+        let limiter = MemoryLimiter {
+            max_bytes: manifest.limits.memory_bytes,
+            hit: false,
+            hit_tenant: false,
+            peak: 0,
+            tenant: calls.tenant.memory.clone(),
+            reserved: 0,
+        };
+        let fuel = manifest.limits.fuel;
         let data = StoreData { wasi, table: ResourceTable::new(), limiter, calls };
         let mut store = Store::new(&self.inner, data);
         store.limiter(|d| &mut d.limiter);
+        if self.fuel {
+            // Setting fuel only fails when the engine does not meter it.
+            let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
+        }
         // Check in at every tick: yield so a CPU-bound guest cannot hold a
         // runtime thread, and trap once the deadline has passed.
         store.set_epoch_deadline(1);

@@ -79,9 +79,7 @@ impl Invocation {
                 Access::Read => "read",
                 Access::Write => "write",
             };
-            tracing::warn!(handler = %self.manifest.name, tenant = %self.manifest.tenant, bucket = %name,
-                "denied {what} {verb}: not in permissions.{what}");
-            return Err(WitError::PermissionDenied(format!("{what} {verb} on bucket {name}")));
+            return Err(self.deny(format!("{what} {verb} on bucket {name}"), name.as_str()));
         }
         Ok(name)
     }

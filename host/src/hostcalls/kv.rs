@@ -33,7 +33,7 @@ impl Invocation {
             key.map_or(Ok(()), check_key)?;
             Ok(name)
         });
-        let buckets = self.buckets.clone();
+        let buckets = self.tenant.buckets.clone();
         async move { buckets.kv(&checked?).await }
     }
 
@@ -78,6 +78,7 @@ impl Host for Invocation {
         let this = &mut *self;
         in_span(span, async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            this.payload_fits(value.len())?;
             Ok(store.put(key, value.into()).await.map_err(unavailable)?)
         })
         .await
@@ -88,6 +89,7 @@ impl Host for Invocation {
         let this = &mut *self;
         in_span(span, async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            this.payload_fits(value.len())?;
             match store.create(&key, value.into()).await {
                 Ok(revision) => Ok(revision),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
@@ -104,6 +106,7 @@ impl Host for Invocation {
         let this = &mut *self;
         in_span(span, async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
+            this.payload_fits(value.len())?;
             match store.update(&key, value.into(), expected).await {
                 Ok(revision) => Ok(revision),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {

@@ -29,9 +29,11 @@ enum Verb {
 }
 
 impl Invocation {
-    /// Parses `subject` and checks the grant for `verb`; a denial is logged
-    /// with who asked, and names the subject to the guest.
-    fn permitted(&self, subject: &str, verb: Verb) -> Result<Subject, WitError> {
+    /// Checks a send before anything reaches NATS: the subject parses, the
+    /// handler's grant for `verb` covers it, the payload is within the
+    /// tenant's ceiling and the tenant's send rate has room. A denial is
+    /// logged with who asked and names the subject to the guest.
+    fn permitted(&self, subject: &str, verb: Verb, payload_len: usize) -> Result<Subject, WitError> {
         let subject: Subject = subject.parse().map_err(|e| WitError::Invalid(format!("{e}")))?;
         let perms = &self.manifest.permissions;
         let (allowed, what) = match verb {
@@ -39,13 +41,12 @@ impl Invocation {
             Verb::Request => (perms.may_request(&subject), "request"),
         };
         if !allowed {
-            tracing::warn!(
-                handler = %self.manifest.name,
-                tenant = %self.manifest.tenant,
-                %subject,
-                "denied {what}: not in permissions.{what}"
-            );
-            return Err(WitError::PermissionDenied(format!("{what} to {subject}")));
+            return Err(self.deny(format!("{what} to {subject}"), subject.as_str()));
+        }
+        self.payload_fits(payload_len)?;
+        if !self.tenant.may_send() {
+            self.stats.rate_limited();
+            return Err(WitError::Unavailable("rate limited".into()));
         }
         Ok(subject)
     }
@@ -123,15 +124,15 @@ impl Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
-        let subject = self.permitted(&subject, Verb::Publish)?;
+        let subject = self.permitted(&subject, Verb::Publish, payload.len())?;
         let headers = outgoing_headers(span, headers)?;
         let subject = subject.as_str().to_owned();
         let sent = match headers {
-            Some(h) => self.nats.publish_with_headers(subject, h, payload.into()).await,
-            None => self.nats.publish(subject, payload.into()).await,
+            Some(h) => self.tenant.nats.publish_with_headers(subject, h, payload.into()).await,
+            None => self.tenant.nats.publish(subject, payload.into()).await,
         };
         sent.map_err(|e| match e.kind() {
-            PublishErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
+            PublishErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.tenant.nats.max_payload() as u64),
             PublishErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
             PublishErrorKind::Send => WitError::Unavailable(e.to_string()),
         })?;
@@ -146,7 +147,7 @@ impl Invocation {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
-        let subject = self.permitted(&subject, Verb::Request)?;
+        let subject = self.permitted(&subject, Verb::Request, payload.len())?;
         let headers = outgoing_headers(span, headers)?;
         // The guest's own timeout, but never past the invocation's deadline:
         // a request must not keep an instance alive after its time is up.
@@ -159,13 +160,14 @@ impl Invocation {
         if let Some(h) = headers {
             request = request.headers(h);
         }
-        let reply = self.nats.send_request(subject.as_str().to_owned(), request).await.map_err(|e| match e.kind() {
-            RequestErrorKind::TimedOut => WitError::Timeout,
-            RequestErrorKind::NoResponders => WitError::NoResponders,
-            RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
-            RequestErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
-            _ => WitError::Unavailable(e.to_string()),
-        })?;
+        let reply =
+            self.tenant.nats.send_request(subject.as_str().to_owned(), request).await.map_err(|e| match e.kind() {
+                RequestErrorKind::TimedOut => WitError::Timeout,
+                RequestErrorKind::NoResponders => WitError::NoResponders,
+                RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
+                RequestErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.tenant.nats.max_payload() as u64),
+                _ => WitError::Unavailable(e.to_string()),
+            })?;
         Ok(wire::message_to_wit(reply))
     }
 
@@ -177,7 +179,7 @@ impl Invocation {
         payload: Vec<u8>,
         msg_id: Option<String>,
     ) -> Result<u64, CallError> {
-        let subject = self.permitted(&subject, Verb::Publish)?;
+        let subject = self.permitted(&subject, Verb::Publish, payload.len())?;
         let mut publish = PublishMessage::build().payload(payload.into());
         if let Some(h) = outgoing_headers(span, headers)? {
             publish = publish.headers(h);
@@ -188,7 +190,7 @@ impl Invocation {
             }
             publish = publish.message_id(id);
         }
-        let js = async_nats::jetstream::new(self.nats.clone());
+        let js = async_nats::jetstream::new(self.tenant.nats.clone());
         let stored = async { js.send_publish(subject.as_str().to_owned(), publish).await?.await };
         // The stream's acknowledgement can take a while under load; never
         // past the invocation's deadline.
@@ -196,7 +198,7 @@ impl Invocation {
             |e| match e.kind() {
                 PublishAckErrorKind::StreamNotFound => WitError::NoResponders,
                 PublishAckErrorKind::TimedOut => WitError::Timeout,
-                PublishAckErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.nats.max_payload() as u64),
+                PublishAckErrorKind::MaxPayloadExceeded => WitError::TooLarge(self.tenant.nats.max_payload() as u64),
                 _ => WitError::Unavailable(e.to_string()),
             },
         )?;

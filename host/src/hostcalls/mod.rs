@@ -32,21 +32,23 @@ use tokio::time::Instant;
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::{Handler, WitError};
+use crate::dispatch::Stats;
 use crate::manifest::Manifest;
+use crate::tenant::Tenant;
 use crate::{telemetry, wire};
 
 /// What host calls know about the invocation they serve.
 pub struct Invocation {
     /// The manifest of the handler version being run.
     pub(crate) manifest: Arc<Manifest>,
-    /// The tenant's NATS connection.
-    pub(crate) nats: async_nats::Client,
+    /// The handler's tenant: its NATS connection, buckets and limits.
+    pub(crate) tenant: Arc<Tenant>,
+    /// The handler's counters (denials, rate limiting).
+    pub(crate) stats: Arc<Stats>,
     /// When the invocation's time is up; waits inside host calls end here.
     pub(crate) deadline: Instant,
     /// The JetStream message being handled, for the `acks` interface.
     pub(crate) jetstream: Option<JetStreamAck>,
-    /// KV and object buckets, opened once per host.
-    pub(crate) buckets: Arc<Buckets>,
     /// Resources the guest holds (object readers and writers); dropped with
     /// the invocation.
     pub(crate) table: wasmtime::component::ResourceTable,
@@ -73,6 +75,21 @@ pub(crate) fn outgoing_headers(
 }
 
 impl Invocation {
+    /// Logs and counts a refusal by the handler's permissions, and names
+    /// what was refused to the guest.
+    pub(crate) fn deny(&self, what: String, target: &str) -> WitError {
+        self.stats.denied();
+        self.tenant.count_denied();
+        tracing::warn!(handler = %self.manifest.name, tenant = %self.manifest.tenant, target, "denied {what}: not in the handler's permissions");
+        WitError::PermissionDenied(what)
+    }
+
+    /// Checks a payload against the tenant's ceiling before it is sent or
+    /// stored.
+    pub(crate) fn payload_fits(&self, len: usize) -> Result<(), WitError> {
+        self.tenant.payload_fits(len).map_err(WitError::TooLarge)
+    }
+
     /// The client span of a KV or object call, a child of the invocation:
     /// `{operation} {bucket}`, with the bucket and the key or object name.
     pub(crate) fn bucket_span(&self, operation: &'static str, bucket: &str, key: Option<&str>) -> tracing::Span {

@@ -78,7 +78,7 @@ impl Invocation {
             name.map_or(Ok(()), check_object_name)?;
             Ok(bucket)
         });
-        let buckets = self.buckets.clone();
+        let buckets = self.tenant.buckets.clone();
         async move { buckets.object(&checked?).await }
     }
 }
@@ -118,6 +118,7 @@ impl Host for Invocation {
         let this = &mut *self;
         in_span(span, async move {
             let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
+            this.payload_fits(data.len())?;
             let info = store.put(name.as_str(), &mut data.as_slice()).await.map_err(unavailable)?;
             Ok(info_to_wit(&info))
         })
@@ -220,6 +221,7 @@ impl HostReader for Invocation {
 
 impl HostWriter for Invocation {
     async fn write(&mut self, writer: Resource<ObjectWriter>, chunk: Vec<u8>) -> Result<(), CallError> {
+        self.payload_fits(chunk.len())?;
         let writer = self.table.get_mut(&writer).map_err(|e| unavailable(format!("writer: {e}")))?;
         let Some(tx) = &writer.chunks else {
             return Err(WitError::Invalid("write after finish".into()).into());

@@ -50,7 +50,8 @@ pub(super) async fn bind(
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
-    let js = jetstream::new(dispatcher.nats.clone());
+    // The tenant's connection: the stream must be in the tenant's account.
+    let js = jetstream::new(slot.current().tenant.nats.clone());
     // A KV bucket's stream is the bucket: it is created as a bucket (host
     // config), never as a plain stream.
     let stream = open_stream(&js, trigger, create_streams && trigger.kv.is_none()).await?;
@@ -195,12 +196,13 @@ async fn pull_loop(
                         tracing::warn!(consumer = %label, "pull returned more messages than requested");
                         break;
                     };
+                    let handler = slot.current();
                     let admission = tokio::select! {
-                        a = dispatcher.admit_reserved(permit) => a,
+                        a = dispatcher.admit_reserved(&handler, permit) => a,
                         () = dispatcher.abandon.cancelled() => break 'pull,
                     };
                     dispatcher.spawn(
-                        slot.current(),
+                        handler,
                         origin.clone(),
                         Delivery::JetStream(Box::new(msg), trigger.clone()),
                         admission,

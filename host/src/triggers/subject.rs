@@ -24,7 +24,9 @@ pub(super) async fn bind(
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, TriggerError> {
-    let nats = &dispatcher.nats;
+    // The tenant's connection: the server's account boundaries decide what
+    // this subscription can see.
+    let nats = slot.current().tenant.nats.clone();
     let subscribed = match queue {
         Some(q) => nats.queue_subscribe(subject.to_string(), q.to_string()).await,
         None => nats.subscribe(subject.to_string()).await,
