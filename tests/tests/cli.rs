@@ -122,3 +122,50 @@ fn validate_lists_every_problem_by_file_and_fails() {
         Command::new(natsfn_bin()).args(["validate", "--handlers", dir.path().to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_host_config_runs_tenants_and_names_the_one_that_cannot_connect() {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let server = natsfn_e2e::tenancy::server_with_config(
+        conf_dir.path(),
+        &natsfn_e2e::tenancy::two_accounts(&nkeys::KeyPair::new_user().public_key()),
+    );
+    let dir = HandlerDir::new();
+    dir.add(
+        "a",
+        "a-greeter",
+        "greeter",
+        "tenant = \"a\"\n[[trigger]]\nsubject = \"hello\"\n[config]\ngreeting = \"A\"",
+    );
+    dir.add("b", "b-greeter", "greeter", "tenant = \"b\"\n[[trigger]]\nsubject = \"hello\"");
+    let config = conf_dir.path().join("natsfn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nats = \"{}\"\nhandlers = [{:?}]\n[tenants.a]\nuser = \"a\"\npassword = {{ env = \"A_PW\" }}\n\
+             [tenants.b]\nuser = \"b\"\npassword = \"wrong-password\"\n",
+            server.url(),
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    let out = Command::new(natsfn_bin()).args(["validate", "--config", config]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok: host config") && stdout.contains("(2 tenants)"), "{stdout}");
+    assert!(stdout.contains("ok: a-greeter (tenant a)"), "{stdout}");
+
+    let mut natsfn = Natsfn::spawn(natsfn_bin(), &["run", "--config", config], &[("A_PW", "apass")]);
+    let line = natsfn.wait_for(&["natsfn: skipped: tenant `b`: cannot connect"]);
+    assert!(!line.contains("wrong-password"), "{line}");
+    natsfn.wait_for(&["natsfn: ready"]);
+    let a = async_nats::ConnectOptions::with_user_and_password("a".into(), "apass".into())
+        .connect(server.url())
+        .await
+        .unwrap();
+    assert_eq!(text(&request(&a, "hello", "x").await), "A, x!");
+    natsfn.signal("-TERM");
+    assert_eq!(natsfn.wait_exit(), 0);
+    assert!(!natsfn.output().contains("wrong-password"));
+}

@@ -104,6 +104,14 @@ async fn tenants_in_two_accounts_cannot_reach_each_other() {
     let write = text(&request(&a, "a.probe", "kv-read-only").await);
     assert!(write.starts_with("unavailable"), "A wrote B's bucket: {write}");
     assert!(b_kv.get_key_value("readonly").await.unwrap().get("k").await.unwrap().is_none());
+
+    // A request outside A's grant is refused by the host, counted and
+    // logged for the handler and the tenant.
+    let denied = text(&request(&a, "a.probe", "request").await);
+    assert_eq!(denied, "permission-denied: request to b.inbox");
+    assert_eq!(host.handler_stats("a-prober").unwrap().denied, 1);
+    let a_stats = host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == "a").unwrap().1;
+    assert_eq!(a_stats.denied, 1, "{a_stats:?}");
     host.shutdown().await;
 }
 
