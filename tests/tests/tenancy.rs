@@ -21,6 +21,10 @@ async fn connect_as(server: &NatsServer, user: &str, password: &str) -> async_na
         .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
 }
 
+fn tenant_stats(host: &RunningHost, tenant: &str) -> natsfn::TenantStats {
+    host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == tenant).expect("tenant is running").1
+}
+
 fn handler(dir: &HandlerDir, name: &str, tenant: &str, guest_name: &str, body: &str) {
     dir.add(name, name, guest_name, &format!("tenant = \"{tenant}\"\n{body}"));
 }
@@ -110,7 +114,7 @@ async fn tenants_in_two_accounts_cannot_reach_each_other() {
     let denied = text(&request(&a, "a.probe", "request").await);
     assert_eq!(denied, "permission-denied: request to b.inbox");
     assert_eq!(host.handler_stats("a-prober").unwrap().denied, 1);
-    let a_stats = host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == "a").unwrap().1;
+    let a_stats = tenant_stats(&host, "a");
     assert_eq!(a_stats.denied, 1, "{a_stats:?}");
     host.shutdown().await;
 }
@@ -302,7 +306,7 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     assert_eq!(holding.await.unwrap(), "held");
     let stats = host.handler_stats("attacker").unwrap();
     assert_eq!(stats.memory_limit, 2, "{stats:?}");
-    let tenant = host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == "a").unwrap().1;
+    let tenant = tenant_stats(&host, "a");
     assert_eq!(tenant.memory_refused, 1, "{tenant:?}");
     assert_eq!(tenant.memory_in_use, 0, "memory budget not given back: {tenant:?}");
     assert_eq!(text(&request(&a, "attack", "hold 30 0").await), "held", "the budget was not given back");
@@ -450,7 +454,7 @@ async fn a_memory_bomb_traps_at_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_rate_limited() {
     let s = siege("flood", "max_concurrency = 4", 4, |s| s.rate_limited >= 1).await;
-    let tenant = s.host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == "a").unwrap().1;
+    let tenant = tenant_stats(&s.host, "a");
     assert!(tenant.rate_limited >= 1, "{tenant:?}");
     s.host.shutdown().await;
 }
@@ -458,7 +462,7 @@ async fn a_publish_flood_is_rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_payload_is_refused() {
     let s = siege("bigpayload", "memory_mb = 128\nmax_concurrency = 1", 1, |s| s.ok >= 1).await;
-    let tenant = s.host.tenant_stats().into_iter().find(|(t, _)| t.as_str() == "a").unwrap().1;
+    let tenant = tenant_stats(&s.host, "a");
     assert!(tenant.too_large >= 1, "{tenant:?}");
     s.host.shutdown().await;
 }

@@ -317,6 +317,16 @@ struct RawTenantLimits {
 /// machine and defeat the point of fencing tenants' CPU.
 const MAX_TENANT_THREADS: usize = 64;
 
+/// Threads a declared tenant's guests run on when the config says nothing:
+/// one, so a tenant's CPU-bound guests can take at most one core from the
+/// others. Raise it for tenants that need throughput.
+pub const DEFAULT_TENANT_THREADS: usize = 1;
+
+/// Concurrent instances a declared tenant gets when the config says
+/// nothing. Every tenant has a share, so the host pool (sized to hold all
+/// shares) is never something one tenant can fill.
+pub const DEFAULT_TENANT_MAX_INSTANCES: u32 = crate::limits::DEFAULT_MAX_CONCURRENCY;
+
 impl HostConfig {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
@@ -396,10 +406,9 @@ fn resolve_tenant(id: TenantId, t: RawTenant, base: &Path) -> Result<TenantConfi
             Tls { ca: raw.ca.map(|c| base.join(c)), client_cert, required: raw.required }
         }
     };
-    if let Some(n) = t.threads {
-        if !(1..=MAX_TENANT_THREADS).contains(&n) {
-            return Err((".threads".into(), format!("{n} is outside 1..={MAX_TENANT_THREADS}")));
-        }
+    let threads = t.threads.unwrap_or(DEFAULT_TENANT_THREADS);
+    if !(1..=MAX_TENANT_THREADS).contains(&threads) {
+        return Err((".threads".into(), format!("{threads} is outside 1..={MAX_TENANT_THREADS}")));
     }
     let mut buckets = Vec::new();
     for (i, b) in t.buckets.iter().enumerate() {
@@ -411,7 +420,7 @@ fn resolve_tenant(id: TenantId, t: RawTenant, base: &Path) -> Result<TenantConfi
         buckets.push(BucketSpec::parse(kind, spec).map_err(|p| (format!(".buckets[{i}]"), p))?);
     }
     let limits = resolve_limits(&t.limits).map_err(|(field, p)| (format!(".limits.{field}"), p))?;
-    Ok(TenantConfig { id, url: t.url, auth, tls, threads: t.threads, buckets, limits })
+    Ok(TenantConfig { id, url: t.url, auth, tls, threads: Some(threads), buckets, limits })
 }
 
 fn resolve_limits(raw: &RawTenantLimits) -> Result<TenantLimits, (&'static str, String)> {
@@ -442,7 +451,7 @@ fn resolve_limits(raw: &RawTenantLimits) -> Result<TenantLimits, (&'static str, 
     }
     Ok(TenantLimits {
         memory_bytes: memory_mb.map(|mb| mb as usize * 1024 * 1024),
-        max_instances: at_least_one("max_instances", raw.max_instances)?,
+        max_instances: Some(at_least_one("max_instances", raw.max_instances)?.unwrap_or(DEFAULT_TENANT_MAX_INSTANCES)),
         max_handlers: at_least_one("max_handlers", raw.max_handlers)?,
         max_payload: raw.max_payload_bytes,
         publish_rate,
@@ -483,6 +492,9 @@ mod tests {
             "#,
         )
         .unwrap();
+        let beta = &c.tenants[1];
+        assert_eq!(beta.threads, Some(DEFAULT_TENANT_THREADS));
+        assert_eq!(beta.limits.max_instances, Some(DEFAULT_TENANT_MAX_INSTANCES));
         assert_eq!(c.handlers, vec![PathBuf::from("/etc/natsfn/h")]);
         let acme = &c.tenants[0];
         assert_eq!(acme.id.as_str(), "acme");
