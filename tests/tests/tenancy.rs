@@ -265,6 +265,7 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
         max_instances = 2
         max_payload_bytes = 65536
         publish_rate = 200
+        log_rate = 100
         "#,
     );
     let host = Host::builder().nats_url(server.url()).config(cfg).handlers_dir(dir.path()).build().await.unwrap();
@@ -317,6 +318,11 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     assert!((200..=260).contains(&sent), "burst of 200 then refused, got {sent}");
     let stats = host.handler_stats("attacker").unwrap();
     assert_eq!(stats.rate_limited, 1, "{stats:?}");
+
+    // 20,000 lines in a burst; the tenant's log rate lets about 100 through.
+    assert_eq!(text(&request(&a, "attack", "logflood").await), "logged");
+    let dropped = tenant_stats(&host, "a").logs_dropped;
+    assert!((19_500..20_000).contains(&dropped), "{dropped} lines dropped");
     host.shutdown().await;
 }
 

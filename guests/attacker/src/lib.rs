@@ -8,6 +8,8 @@
 //!   with the refusal.
 //! - `bigpayload`: publishes a 64 MiB payload; replies with the refusal.
 //! - `recurse`: unbounded recursion (stack overflow).
+//! - `logflood`: writes 10,000 log lines and 10,000 stdout lines, then
+//!   replies `logged`.
 //! - `hold MB MS`: holds MB MiB for MS milliseconds, then replies `held`
 //!   (to fill a tenant's shared memory budget).
 //! - `selfrequest`: requests its own subject in a loop, so every invocation
@@ -93,6 +95,13 @@ impl Guest for Attacker {
             "flood" => flood(&out),
             "bigpayload" => bigpayload(&out),
             "recurse" => natsfn_guest::reply(recurse(0).to_string()),
+            "logflood" => {
+                for i in 0..10_000 {
+                    natsfn_guest::log::log(natsfn_guest::log::Level::Info, &format!("flood {i}"));
+                    println!("flood {i}");
+                }
+                natsfn_guest::reply("logged")
+            }
             "selfrequest" => selfrequest(&msg.subject),
             other => Err(HandlerError::Fail(format!("unknown attack {other:?}"))),
         }

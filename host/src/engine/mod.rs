@@ -237,8 +237,8 @@ impl Engine {
         let manifest = &calls.manifest;
         let deadline = calls.deadline;
         let wasi = WasiCtx::builder()
-            .stdout(stdio::GuestOutput::new(manifest.clone(), stdio::Stream::Stdout))
-            .stderr(stdio::GuestOutput::new(manifest.clone(), stdio::Stream::Stderr))
+            .stdout(stdio::GuestOutput::new(manifest.clone(), calls.tenant.clone(), stdio::Stream::Stdout))
+            .stderr(stdio::GuestOutput::new(manifest.clone(), calls.tenant.clone(), stdio::Stream::Stderr))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

@@ -17,6 +17,7 @@ use crate::hostcalls::GUEST_TARGET;
 use crate::limits::MAX_LOG_LINE;
 use crate::manifest::Manifest;
 use crate::telemetry;
+use crate::tenant::Tenant;
 
 /// Which guest stream a line came from; stderr lines log at `warn`.
 #[derive(Clone, Copy, Debug)]
@@ -29,12 +30,14 @@ pub(crate) enum Stream {
 #[derive(Clone)]
 pub(crate) struct GuestOutput {
     manifest: Arc<Manifest>,
+    /// Whose log budget the lines come out of.
+    tenant: Arc<Tenant>,
     stream: Stream,
 }
 
 impl GuestOutput {
-    pub(crate) fn new(manifest: Arc<Manifest>, stream: Stream) -> Self {
-        GuestOutput { manifest, stream }
+    pub(crate) fn new(manifest: Arc<Manifest>, tenant: Arc<Tenant>, stream: Stream) -> Self {
+        GuestOutput { manifest, tenant, stream }
     }
 }
 
@@ -79,6 +82,10 @@ impl LineWriter {
     }
 
     fn emit(&mut self) {
+        if !self.out.tenant.may_log() {
+            self.buf.clear();
+            return;
+        }
         let line = String::from_utf8_lossy(&self.buf);
         let line = line.trim_end_matches('\r');
         let handler = self.out.manifest.name.as_str();

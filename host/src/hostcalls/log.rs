@@ -16,6 +16,9 @@ pub(crate) const GUEST_TARGET: &str = "natsfn::guest";
 
 impl Host for Invocation {
     async fn log(&mut self, level: Level, text: String) -> wasmtime::Result<()> {
+        if !self.tenant.may_log() {
+            return Ok(());
+        }
         let text = truncate(&text, MAX_LOG_LINE);
         let handler = self.manifest.name.as_str();
         let tenant = self.manifest.tenant.as_str();

@@ -25,6 +25,7 @@
 //! publish_rate = 1000      # host-call sends per second (burst = publish_burst)
 //! timeout_ms = 10000       # ceiling for a handler's limits.timeout_ms
 //! fuel = 1000000000        # wasm fuel per invocation (deterministic CPU cap)
+//! log_rate = 200           # guest log lines per second; the rest are dropped
 //! ```
 //!
 //! Like manifests, the file is read in two steps: serde into `Raw*` structs
@@ -196,6 +197,9 @@ pub struct TenantLimits {
     pub max_timeout: Option<Duration>,
     /// Fuel each invocation gets: a deterministic bound on wasm instructions.
     pub fuel: Option<u64>,
+    /// Guest log lines (log interface, stdout and stderr) per second; the
+    /// rest are dropped and counted.
+    pub log_rate: Option<Rate>,
 }
 
 /// One tenant as the config declares it.
@@ -311,6 +315,7 @@ struct RawTenantLimits {
     publish_burst: Option<u32>,
     timeout_ms: Option<u64>,
     fuel: Option<u64>,
+    log_rate: Option<u32>,
 }
 
 /// Most threads a tenant may ask for: more would only oversubscribe the
@@ -326,6 +331,10 @@ pub const DEFAULT_TENANT_THREADS: usize = 1;
 /// nothing. Every tenant has a share, so the host pool (sized to hold all
 /// shares) is never something one tenant can fill.
 pub const DEFAULT_TENANT_MAX_INSTANCES: u32 = crate::limits::DEFAULT_MAX_CONCURRENCY;
+
+/// Guest log lines per second a declared tenant may write when the config
+/// says nothing: plenty for debugging, too few to flood the host's log.
+pub const DEFAULT_TENANT_LOG_RATE: u32 = 200;
 
 impl HostConfig {
     /// Reads and checks the config file at `path`.
@@ -457,6 +466,9 @@ fn resolve_limits(raw: &RawTenantLimits) -> Result<TenantLimits, (&'static str, 
         publish_rate,
         max_timeout,
         fuel: raw.fuel,
+        log_rate: at_least_one("log_rate", raw.log_rate)?
+            .or(Some(DEFAULT_TENANT_LOG_RATE))
+            .map(|per_second| Rate { per_second, burst: per_second }),
     })
 }
 

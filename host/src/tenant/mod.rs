@@ -112,6 +112,8 @@ pub struct TenantStats {
     pub memory_refused: u64,
     /// Linear memory its live instances hold now, in bytes.
     pub memory_in_use: u64,
+    /// Guest log lines dropped for going over the tenant's log rate.
+    pub logs_dropped: u64,
 }
 
 #[derive(Default)]
@@ -120,6 +122,7 @@ struct Counters {
     rate_limited: AtomicU64,
     too_large: AtomicU64,
     memory_refused: AtomicU64,
+    logs_dropped: AtomicU64,
 }
 
 /// A running tenant: its connection, limits and permits.
@@ -133,6 +136,7 @@ pub struct Tenant {
     instances: Option<Arc<Semaphore>>,
     pub(crate) memory: Option<Arc<MemoryBudget>>,
     rate: Option<RateLimiter>,
+    log_rate: Option<RateLimiter>,
     runtime: Option<GuestThreads>,
     counters: Counters,
 }
@@ -181,6 +185,7 @@ impl Tenant {
             instances: limits.max_instances.map(|n| Arc::new(Semaphore::new(n as usize))),
             memory: limits.memory_bytes.map(|limit| Arc::new(MemoryBudget { limit, used: AtomicUsize::new(0) })),
             rate: limits.publish_rate.map(RateLimiter::new),
+            log_rate: limits.log_rate.map(RateLimiter::new),
             limits,
             runtime: None,
             counters: Counters::default(),
@@ -295,6 +300,19 @@ impl Tenant {
         }
     }
 
+    /// Takes a guest log line from the tenant's log budget. When it is
+    /// spent the line is dropped; the first drop after lines were flowing
+    /// is reported once, so the report itself cannot flood the log.
+    pub(crate) fn may_log(&self) -> bool {
+        if self.log_rate.as_ref().is_none_or(RateLimiter::try_take) {
+            return true;
+        }
+        if self.counters.logs_dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(10_000) {
+            tracing::warn!(tenant = %self.id, "guest log lines over the tenant's log_rate are being dropped");
+        }
+        false
+    }
+
     pub(crate) fn count_denied(&self) {
         self.counters.denied.fetch_add(1, Ordering::Relaxed);
     }
@@ -312,6 +330,7 @@ impl Tenant {
             too_large: get(&self.counters.too_large),
             memory_refused: get(&self.counters.memory_refused),
             memory_in_use: self.memory.as_ref().map_or(0, |m| m.used() as u64),
+            logs_dropped: get(&self.counters.logs_dropped),
         }
     }
 }
