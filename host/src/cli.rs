@@ -320,23 +320,7 @@ async fn run(args: RunArgs) -> ExitCode {
         );
     }
     if args.watch {
-        let watching = running.watch(|report| {
-            for c in &report.changes {
-                let version = c.version.get(..12).unwrap_or("-");
-                println!(
-                    "natsfn: {:?} {} (tenant {}) version {version}: compile {:.1} ms{}, swap {:.1} ms",
-                    c.kind,
-                    c.handler,
-                    c.tenant,
-                    c.compile.as_secs_f64() * 1e3,
-                    if c.cache == Some(crate::engine::CacheOutcome::Hit) { " (cached)" } else { "" },
-                    c.swap.as_secs_f64() * 1e3,
-                );
-            }
-            for e in &report.errors {
-                println!("natsfn: reload error, previous version keeps serving: {e}");
-            }
-        });
+        let watching = running.watch(print_reload);
         match watching {
             Ok(()) => println!("natsfn: watching for changes"),
             Err(e) => {
@@ -348,7 +332,7 @@ async fn run(args: RunArgs) -> ExitCode {
     }
     println!("natsfn: ready, nats {url}");
 
-    let signal = shutdown_signal().await;
+    let signal = serve_until_stopped(&running).await;
     println!("natsfn: {signal} received, shutting down");
     let report = running.shutdown().await;
     drop(local);
@@ -438,6 +422,50 @@ fn default_cache_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("natsfn"))
+}
+
+/// Prints what a reload changed, one line per handler.
+fn print_reload(report: &crate::ReloadReport) {
+    for c in &report.changes {
+        let version = c.version.get(..12).unwrap_or("-");
+        println!(
+            "natsfn: {:?} {} (tenant {}) version {version}: compile {:.1} ms{}, swap {:.1} ms",
+            c.kind,
+            c.handler,
+            c.tenant,
+            c.compile.as_secs_f64() * 1e3,
+            if c.cache == Some(crate::engine::CacheOutcome::Hit) { " (cached)" } else { "" },
+            c.swap.as_secs_f64() * 1e3,
+        );
+    }
+    for e in &report.errors {
+        println!("natsfn: reload error, previous version keeps serving: {e}");
+    }
+}
+
+/// Serves until SIGINT or SIGTERM, which it names. A SIGHUP on the way
+/// re-reads the handler directories, as daemons conventionally do, for
+/// deployments that replace files without `--watch`.
+async fn serve_until_stopped(running: &crate::RunningHost) -> &'static str {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => loop {
+                tokio::select! {
+                    s = &mut stop => return s,
+                    _ = hup.recv() => {
+                        println!("natsfn: SIGHUP received, reloading handlers");
+                        print_reload(&running.reload().await);
+                    }
+                }
+            },
+            Err(e) => tracing::warn!("cannot listen for SIGHUP, reload with --watch instead: {e}"),
+        }
+    }
+    stop.await
 }
 
 /// Waits for SIGINT or SIGTERM and names the one that came.

@@ -240,3 +240,27 @@ async fn dev_mode_reports_each_reload_with_its_timings() {
     natsfn.signal("-TERM");
     assert_eq!(natsfn.wait_exit(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_watching() {
+    let server = nats();
+    let dir = tagger_dir("[[trigger]]\nsubject = \"hup\"");
+    let mut natsfn = NatsfnProcess::spawn(
+        env!("CARGO_BIN_EXE_natsfn-cli"),
+        &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url(), "--no-cache"],
+        &[],
+    );
+    natsfn.wait_for(&["natsfn: ready"]);
+    let client = client(&server).await;
+    wait_for_tag(&client, "hup", "A").await;
+    install(dir.path(), "tagb");
+    // Not watching: the old version serves until told.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(tag_of(&client, "hup").await.as_deref(), Some("A"));
+    natsfn.signal("-HUP");
+    natsfn.wait_for(&["SIGHUP received, reloading handlers"]);
+    natsfn.wait_for(&["natsfn: Updated tagger"]);
+    wait_for_tag(&client, "hup", "B").await;
+    natsfn.signal("-TERM");
+    assert_eq!(natsfn.wait_exit(), 0);
+}
