@@ -35,6 +35,76 @@ enum Command {
     Request(SendArgs),
     /// Publish one message.
     Publish(SendArgs),
+    /// Measure your handlers against a native async-nats handler, back to
+    /// back on the same server: msgs/s, request latency percentiles, CPU
+    /// time per message, peak RSS, and the ratio natsfn/native. The native
+    /// side does no work of its own: it echoes the payload to the reply
+    /// subject (and to --output), or acks JetStream messages. Starts a local
+    /// nats-server unless --nats.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchMode {
+    /// Core publish, fire-and-forget; completion is the handler finishing.
+    Publish,
+    /// Core request/reply; every round trip is timed.
+    Request,
+    /// Messages stored in --stream first, then consumed and acked; the
+    /// handlers' manifest needs a jetstream trigger on that stream.
+    Jetstream,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    handlers: HandlerDirs,
+
+    /// Subject the messages are sent to (for jetstream: stored under).
+    #[arg(long, value_name = "SUBJECT")]
+    subject: String,
+
+    /// How messages reach the handler.
+    #[arg(long, value_enum, default_value_t = BenchMode::Request)]
+    mode: BenchMode,
+
+    /// The stream for --mode jetstream: created if missing (file storage)
+    /// and purged before each side runs.
+    #[arg(long, value_name = "NAME", default_value = "NATSFN_BENCH")]
+    stream: String,
+
+    /// Payload bytes per message.
+    #[arg(long, value_name = "BYTES", default_value_t = 128)]
+    payload_size: usize,
+
+    /// Messages per side.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    messages: u64,
+
+    /// Concurrent requesters (request mode).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    concurrency: usize,
+
+    /// For a handler that publishes one message per input: the subject it
+    /// publishes to; completion is counted there on both sides.
+    #[arg(long, value_name = "SUBJECT")]
+    output: Option<String>,
+
+    /// The scenario's name in the table and the JSON.
+    #[arg(long, default_value = "bench")]
+    name: String,
+
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+
+    /// NATS server URL. Without it, a local nats-server is started.
+    #[arg(long, value_name = "URL", env = "NATSFN_NATS")]
+    nats: Option<String>,
+
+    /// Instances alive at once across all handlers (the instance pool size).
+    #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES)]
+    max_instances: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,7 +267,9 @@ impl Cli {
             },
             _ => None,
         };
-        crate::telemetry::init("info", otlp.as_ref());
+        // A benchmark's output is its table: only warnings interrupt it.
+        let default_filter = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
+        crate::telemetry::init(default_filter, otlp.as_ref());
         if let Some(p) = &otlp {
             println!("natsfn: tracing on, exporting spans over OTLP {}", p.protocol());
         }
@@ -214,6 +286,7 @@ impl Cli {
             Command::Validate(dirs) => runtime.block_on(validate(dirs)),
             Command::Request(args) => runtime.block_on(send(args, true)),
             Command::Publish(args) => runtime.block_on(send(args, false)),
+            Command::Bench(args) => runtime.block_on(bench(args)),
         };
         // The host has stopped: the last invocation spans are ended and get
         // exported now (errors are logged, never fatal).
@@ -237,25 +310,16 @@ async fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     // Kept alive for the whole run: dropping it stops the server.
-    let mut local = None;
-    let url = match args.nats.or_else(|| config.as_ref().and_then(|c| c.nats.clone())) {
-        Some(url) => url,
-        None => match NatsServer::start() {
-            Ok(server) => {
-                let url = server.url();
-                println!(
-                    "natsfn: started local nats-server at {url} (JetStream store {})",
-                    server.store_dir().display()
-                );
-                local = Some(server);
-                url
-            }
-            Err(e) => {
-                eprintln!("natsfn: {e}");
-                return ExitCode::from(2);
-            }
-        },
+    let (url, local) = match server_or_local(args.nats.or_else(|| config.as_ref().and_then(|c| c.nats.clone()))) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            return ExitCode::from(2);
+        }
     };
+    if let Some(server) = &local {
+        println!("natsfn: started local nats-server at {url} (JetStream store {})", server.store_dir().display());
+    }
 
     let mut builder = Host::builder();
     if let Some(config) = config {
@@ -342,6 +406,69 @@ async fn run(args: RunArgs) -> ExitCode {
         eprintln!("natsfn: shutdown abandoned {} invocations at the deadline", report.abandoned);
         ExitCode::from(1)
     }
+}
+
+/// The server at `nats`, or a local one started now (kept alive by the
+/// returned handle: dropping it stops the server).
+fn server_or_local(
+    nats: Option<String>,
+) -> Result<(String, Option<NatsServer>), crate::local_server::LocalServerError> {
+    match nats {
+        Some(url) => Ok((url, None)),
+        None => NatsServer::start().map(|server| (server.url(), Some(server))),
+    }
+}
+
+async fn bench(args: BenchArgs) -> ExitCode {
+    use crate::bench::{self, Machine, Mode, Report, Scenario};
+    if args.handlers.dirs.is_empty() {
+        eprintln!("natsfn: bench: give --handlers DIR");
+        return ExitCode::from(2);
+    }
+    let (url, local) = match server_or_local(args.nats) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("natsfn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let scenario = Scenario {
+        name: args.name,
+        mode: match args.mode {
+            BenchMode::Publish => Mode::Publish,
+            BenchMode::Request => Mode::Request,
+            BenchMode::Jetstream => Mode::JetStream { stream: args.stream },
+        },
+        subject: args.subject,
+        payload_size: args.payload_size,
+        messages: args.messages.max(1),
+        concurrency: args.concurrency.max(1),
+        output: args.output,
+    };
+    let host = Host::builder().handlers_dir_all(args.handlers.dirs).max_instances(args.max_instances);
+    let measured = async {
+        let machine = Machine::detect(&url).await?;
+        let result = bench::run(&url, &scenario, host).await?;
+        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result] })
+    };
+    let code = match measured.await {
+        Ok(report) => {
+            print!("{}", report.table());
+            match args.json.map(|path| report.write_json(&path)) {
+                Some(Err(e)) => {
+                    eprintln!("natsfn: {e}");
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("natsfn: bench: {e}");
+            ExitCode::from(1)
+        }
+    };
+    drop(local);
+    code
 }
 
 async fn validate(args: ValidateArgs) -> ExitCode {

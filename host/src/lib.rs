@@ -21,6 +21,8 @@
 //! - [`local_server`]: a child `nats-server` for development and tests.
 //! - [`telemetry`]: OpenTelemetry tracing (OTLP export, W3C trace context
 //!   in NATS headers) and log output setup for the binary.
+//! - [`bench`]: natsfn against a native async-nats handler, same server,
+//!   same run (`natsfn bench`, and the `scenarios` benchmark).
 //! - [`cli`]: the `natsfn` command line.
 //!
 //! # Errors
@@ -33,6 +35,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod bench;
 mod bindings;
 pub mod buckets;
 pub mod cli;

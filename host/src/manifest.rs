@@ -275,10 +275,29 @@ pub struct Manifest {
     pub triggers: Vec<Trigger>,
     /// Memory, time and concurrency limits.
     pub limits: Limits,
+    /// Whether each message gets a fresh instance (the default) or an
+    /// instance may be reused (`instance = "reuse"`).
+    pub instance: InstanceMode,
     /// What the handler may publish and request.
     pub permissions: Permissions,
     /// The `[config]` table, every value as a string.
     pub config: BTreeMap<String, String>,
+}
+
+/// How instances are used across messages: the manifest's top-level
+/// `instance` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InstanceMode {
+    /// `"fresh"`, the default: every message runs on a new instance, so
+    /// nothing a guest does survives into the next message.
+    #[default]
+    Fresh,
+    /// `"reuse"`: an opt-in for handlers that declare themselves stateless.
+    /// An instance that finished cleanly (returned `Ok` or a handler error)
+    /// handles later messages, with its globals and heap as the last
+    /// message left them; one that trapped, timed out, hit its memory limit
+    /// or was abandoned is thrown away. Limits still apply per message.
+    Reuse,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +306,7 @@ struct RawManifest {
     name: String,
     component: Option<String>,
     tenant: Option<String>,
+    instance: Option<String>,
     #[serde(default, rename = "trigger")]
     triggers: Vec<RawTrigger>,
     #[serde(default)]
@@ -432,6 +452,11 @@ impl Manifest {
             return Err(field_err("trigger", "no [[trigger]] table: a handler needs at least one".into()));
         }
         let limits = resolve_limits(&raw.limits).map_err(|(field, p)| field_err(field, p))?;
+        let instance = match raw.instance.as_deref() {
+            None | Some("fresh") => InstanceMode::Fresh,
+            Some("reuse") => InstanceMode::Reuse,
+            Some(other) => return Err(field_err("instance", format!("`{other}` is neither \"fresh\" nor \"reuse\""))),
+        };
 
         let mut triggers = Vec::with_capacity(raw.triggers.len());
         for (i, t) in raw.triggers.into_iter().enumerate() {
@@ -520,7 +545,17 @@ impl Manifest {
             config.insert(key, text);
         }
 
-        Ok(Manifest { origin: origin.to_owned(), name, tenant, component, triggers, limits, permissions, config })
+        Ok(Manifest {
+            origin: origin.to_owned(),
+            name,
+            tenant,
+            component,
+            triggers,
+            limits,
+            instance,
+            permissions,
+            config,
+        })
     }
 }
 
@@ -776,6 +811,15 @@ mod tests {
         assert_eq!(m.limits, Limits::default());
         assert!(m.permissions.publish.is_empty());
         assert!(m.component.is_none());
+        assert_eq!(m.instance, InstanceMode::Fresh);
+    }
+
+    #[test]
+    fn instance_mode_is_fresh_or_reuse() {
+        assert_eq!(parse(&format!("instance = \"reuse\"\n{MINIMAL}")).unwrap().instance, InstanceMode::Reuse);
+        assert_eq!(parse(&format!("instance = \"fresh\"\n{MINIMAL}")).unwrap().instance, InstanceMode::Fresh);
+        let e = err(&format!("instance = \"pooled\"\n{MINIMAL}"));
+        assert!(e.contains(": instance: `pooled`"), "{e}");
     }
 
     #[test]

@@ -30,9 +30,12 @@ impl HandlerSlot {
         self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Makes `next` the current version.
+    /// Makes `next` the current version, and retires the one it replaces
+    /// (its idle reusable instances go; running invocations finish on it).
     pub(crate) fn replace(&self, next: Arc<LoadedHandler>) {
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        let old =
+            std::mem::replace(&mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner), next);
+        old.retire();
     }
 }
 

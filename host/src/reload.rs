@@ -204,6 +204,7 @@ impl Reloader {
         for ((tenant, handler), entry) in removed {
             let started = Instant::now();
             entry.binding.unbind().await;
+            entry.slot.current().retire();
             tracing::info!(%handler, %tenant, "handler removed");
             report.changes.push(ReloadChange {
                 handler,
@@ -286,6 +287,7 @@ impl Reloader {
                     }
                     match self.bind(&fresh, &next).await {
                         Ok(binding) => {
+                            old.retire();
                             self.lock().insert(key, Entry { slot: fresh, binding, fingerprint, from_dir: true });
                         }
                         Err(e) => {

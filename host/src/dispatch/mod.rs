@@ -5,7 +5,8 @@
 //! handler's memory limit, instantiate from the handler's `InstancePre`, call
 //! `handle`, and apply what it returned (publish the reply, or count and log
 //! the failure). The instance is dropped at the end: nothing a guest does
-//! survives into the next message.
+//! survives into the next message, unless the handler opted into instance
+//! reuse (`pool`), where a cleanly finished instance serves again.
 //!
 //! Dispatch never decides *whether* to run: triggers hold the concurrency
 //! permits, so by the time a message gets here it has a slot.
@@ -13,6 +14,7 @@
 //! Each invocation runs inside its span (see `span`), which host calls
 //! parent their own spans on and which carries the outcome.
 
+mod pool;
 mod span;
 
 pub(crate) use span::Origin;
@@ -26,7 +28,7 @@ use tracing::Instrument;
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
 use crate::hostcalls::{Decision, Invocation, JetStreamAck};
-use crate::manifest::{JetStreamTrigger, Manifest};
+use crate::manifest::{InstanceMode, JetStreamTrigger, Manifest};
 use crate::tenant::{Tenant, Tenants};
 use crate::{settle, wire};
 
@@ -54,12 +56,23 @@ pub struct LoadedHandler {
     pub(crate) stats: Arc<Stats>,
     /// The tenant it belongs to: its connection, limits and threads.
     pub(crate) tenant: Arc<Tenant>,
+    /// Idle instances, for a handler in reuse mode; this version's own.
+    pool: Option<pool::InstancePool>,
 }
 
 impl LoadedHandler {
     pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome, tenant: Arc<Tenant>) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
-        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default(), tenant }
+        let pool = (manifest.instance == InstanceMode::Reuse).then(pool::InstancePool::new);
+        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default(), tenant, pool }
+    }
+
+    /// Called when a newer version takes over: drops the idle instances of
+    /// this one, and any its in-flight invocations return later.
+    pub(crate) fn retire(&self) {
+        if let Some(pool) = &self.pool {
+            pool.retire();
+        }
     }
 
     /// The next version of `self`'s handler. It shares the counters, and the
@@ -152,6 +165,14 @@ pub struct HandlerStats {
     pub rate_limited: u64,
 }
 
+impl HandlerStats {
+    /// Invocations that have ended, however they ended (for JetStream,
+    /// after the settlement was confirmed).
+    pub fn finished(&self) -> u64 {
+        self.ok + self.failed + self.trapped + self.timed_out + self.memory_limit
+    }
+}
+
 impl Stats {
     pub(crate) fn snapshot(&self) -> HandlerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -223,11 +244,18 @@ impl Stats {
     }
 }
 
-/// Runs `handler` for one delivery on a fresh instance and applies the
+/// Runs `handler` for one delivery (on a fresh instance, or a reused one in
+/// reuse mode) and applies the
 /// outcome: a reply for core requests, ack/nak/term for JetStream. `span`
 /// is the invocation's span (the caller runs this inside it); host calls
 /// parent their spans on it.
-pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, delivery: Delivery, span: &tracing::Span) {
+pub(crate) async fn invoke(
+    dispatcher: &Dispatcher,
+    handler: &LoadedHandler,
+    delivery: Delivery,
+    span: &tracing::Span,
+    admission: &mut Admission,
+) {
     let (engine, nats) = (&dispatcher.engine, &handler.tenant.nats);
     handler.stats.started();
     let manifest = &handler.manifest;
@@ -245,7 +273,6 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
             (wit_msg, None, Some(JetStreamAck { msg: *msg, decision: Decision::Undecided }), Some(trigger))
         }
     };
-    let subject = wit_msg.subject.clone();
     let calls = Invocation {
         manifest: manifest.clone(),
         tenant: handler.tenant.clone(),
@@ -255,18 +282,14 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
         table: wasmtime::component::ResourceTable::new(),
         span: span.clone(),
     };
-    let mut store = engine.store(calls);
+    let mut lease = pool::Lease::checkout(engine, handler.pool.as_ref(), calls);
 
     // The epoch callback stops guests that compute past the deadline; this
     // timeout stops those that wait past it (in a host call or a sleep).
-    let run = async {
-        let instance = handler.compiled.pre.instantiate_async(&mut store).await?;
-        instance.call_handle(&mut store, &wit_msg).await
-    };
-    let result = tokio::time::timeout_at(deadline, run).await;
+    let result = tokio::time::timeout_at(deadline, lease.call(&handler.compiled.pre, &wit_msg)).await;
     let outcome = match result {
         Err(_elapsed) => Outcome::TimedOut,
-        Ok(Err(err)) => classify_trap(&err, store.data().hit_memory_limit()),
+        Ok(Err(err)) => classify_trap(&err, lease.store.data().hit_memory_limit()),
         Ok(Ok(Err(handler_error))) => Outcome::Failed(handler_error),
         Ok(Ok(Ok(reply))) => {
             if let (Some(reply), Some(to)) = (reply, reply_to) {
@@ -275,16 +298,20 @@ pub(crate) async fn invoke(dispatcher: &Dispatcher, handler: &LoadedHandler, del
             Outcome::Ok
         }
     };
-    handler.stats.memory(store.data().peak_memory());
-    if store.data().hit_tenant_memory() {
+    handler.stats.memory(lease.store.data().peak_memory());
+    if lease.store.data().hit_tenant_memory() {
         handler.tenant.count_memory_refused();
     }
-    let jetstream = store.data_mut().calls.jetstream.take();
-    drop(store);
+    let jetstream = lease.store.data_mut().calls.jetstream.take();
+    // Only an instance whose call ended as the guest meant it to may serve
+    // again; it keeps this invocation's instance permits while idle.
+    let clean = matches!(outcome, Outcome::Ok | Outcome::Failed(_));
+    let slot = if clean && handler.pool.is_some() { admission.slot.take() } else { None };
+    lease.checkin(handler.pool.as_ref(), clean, slot);
 
     span::record_outcome(span, handler, &outcome);
     if !matches!(outcome, Outcome::Ok) {
-        report(manifest, &subject, &outcome);
+        report(manifest, &wit_msg.subject, &outcome);
     }
     if let (Some(js), Some(trigger)) = (jetstream, trigger) {
         settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats).await;
@@ -381,8 +408,9 @@ pub(crate) struct Dispatcher {
 /// The permits an admitted message holds until its invocation ends.
 pub(crate) struct Admission {
     _handler: tokio::sync::OwnedSemaphorePermit,
-    _tenant: Option<tokio::sync::OwnedSemaphorePermit>,
-    _instance: tokio::sync::OwnedSemaphorePermit,
+    /// The tenant's and the host's instance permits; taken over by the
+    /// instance when it is kept for reuse.
+    slot: Option<pool::InstanceSlot>,
 }
 
 impl Dispatcher {
@@ -410,7 +438,7 @@ impl Dispatcher {
         let tenant = handler.tenant.admit().await;
         #[allow(clippy::expect_used)]
         let instance = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
-        Admission { _handler: handler_permit, _tenant: tenant, _instance: instance }
+        Admission { _handler: handler_permit, slot: Some(pool::InstanceSlot { _tenant: tenant, _host: instance }) }
     }
 
     /// Flushes every tenant's connection, so what invocations sent is on
@@ -435,7 +463,7 @@ impl Dispatcher {
         handler: Arc<LoadedHandler>,
         origin: Arc<Origin>,
         delivery: Delivery,
-        admission: Admission,
+        mut admission: Admission,
     ) {
         let this = self.clone();
         let tenant = handler.tenant.clone();
@@ -456,7 +484,7 @@ impl Dispatcher {
                     s.start()
                 }
             };
-            let run = invoke(&this, &handler, delivery, &span);
+            let run = invoke(&this, &handler, delivery, &span, &mut admission);
             tokio::select! {
                 () = run.instrument(span.clone()) => {}
                 () = this.abandon.cancelled() => {

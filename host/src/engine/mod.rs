@@ -235,7 +235,6 @@ impl Engine {
     /// a CPU deadline at the invocation's deadline.
     pub(crate) fn store(&self, calls: Invocation) -> Store<StoreData> {
         let manifest = &calls.manifest;
-        let deadline = calls.deadline;
         let wasi = WasiCtx::builder()
             .stdout(stdio::GuestOutput::new(manifest.clone(), calls.tenant.clone(), stdio::Stream::Stdout))
             .stderr(stdio::GuestOutput::new(manifest.clone(), calls.tenant.clone(), stdio::Stream::Stderr))
@@ -251,25 +250,44 @@ impl Engine {
             tenant: calls.tenant.memory.clone(),
             reserved: 0,
         };
-        let fuel = manifest.limits.fuel;
         let data = StoreData { wasi, table: ResourceTable::new(), limiter, calls };
         let mut store = Store::new(&self.inner, data);
         store.limiter(|d| &mut d.limiter);
-        if self.fuel {
-            // Setting fuel only fails when the engine does not meter it.
-            let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
-        }
+        self.arm(&mut store);
         // Check in at every tick: yield so a CPU-bound guest cannot hold a
-        // runtime thread, and trap once the deadline has passed.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
+        // runtime thread, and trap once the deadline has passed. The
+        // deadline is read from the store, so a reused store follows each
+        // invocation's own.
+        store.epoch_deadline_callback(|cx| {
+            if Instant::now() >= cx.data().calls.deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
         store
+    }
+
+    /// Sets a store that ran an earlier invocation up for `calls`: the new
+    /// invocation's deadline and epoch budget, a clear memory-limit flag.
+    /// What the guest keeps in its own memory stays (that is reuse).
+    pub(crate) fn renew(&self, store: &mut Store<StoreData>, calls: Invocation) {
+        let data = store.data_mut();
+        data.calls = calls;
+        data.limiter.hit = false;
+        data.limiter.hit_tenant = false;
+        self.arm(store);
+    }
+
+    /// Gives the invocation in `store` its budgets: the handler's fuel (when
+    /// the engine meters it) and one epoch tick before the first check-in.
+    fn arm(&self, store: &mut Store<StoreData>) {
+        if self.fuel {
+            let fuel = store.data().calls.manifest.limits.fuel;
+            // Setting fuel only fails when the engine does not meter it.
+            let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
+        }
+        store.set_epoch_deadline(1);
     }
 }
 

@@ -1,0 +1,144 @@
+//! The benchmark's output: a table for people and a JSON document for
+//! scripts, shaped as
+//! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio"}]}`.
+//! Latency fields are `null` where nothing was timed (no replies).
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::{load, BenchError, Measurement, ScenarioResult};
+
+/// The machine a report was measured on.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// CPU model name.
+    pub cpu: String,
+    /// Logical CPUs this process may use.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+    /// The nats-server version the runs went through.
+    pub nats_server: String,
+    /// This crate's version.
+    pub natsfn: String,
+}
+
+impl Machine {
+    /// Describes this machine, asking the server at `url` for its version.
+    pub async fn detect(url: &str) -> Result<Machine, BenchError> {
+        let client = load::connect(url).await?;
+        let nats_server = client.server_info().version;
+        let _ = client.drain().await;
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map_or_else(|| "unknown".to_owned(), |m| m.trim().to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |k| k.trim().into());
+        Ok(Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            kernel,
+            nats_server,
+            natsfn: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+}
+
+/// Every scenario measured in one run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Where.
+    pub machine: Machine,
+    /// What, in the order run.
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+impl Report {
+    /// The report as JSON.
+    pub fn to_json(&self) -> Value {
+        let m = &self.machine;
+        let scenarios: Vec<Value> = self
+            .scenarios
+            .iter()
+            .map(|r| {
+                let s = &r.scenario;
+                json!({
+                    "name": s.name,
+                    "messages": s.messages,
+                    "payload_size": s.payload_size,
+                    "concurrency": s.concurrency,
+                    "natsfn": side(&r.natsfn),
+                    "native": side(&r.native),
+                    "ratio": r.ratio(),
+                })
+            })
+            .collect();
+        json!({
+            "machine": {
+                "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel,
+                "nats_server": m.nats_server, "natsfn": m.natsfn,
+            },
+            "scenarios": scenarios,
+        })
+    }
+
+    /// Writes [`Report::to_json`] to `path`, pretty-printed.
+    pub fn write_json(&self, path: &Path) -> Result<(), BenchError> {
+        let text = serde_json::to_string_pretty(&self.to_json()).unwrap_or_default();
+        std::fs::write(path, text + "\n").map_err(|source| BenchError::Write { path: path.to_owned(), source })
+    }
+
+    /// A fixed-width table, one row per scenario and side.
+    pub fn table(&self) -> String {
+        let m = &self.machine;
+        let mut out = format!(
+            "{} ({} cores), kernel {}, nats-server {}, natsfn {}\n",
+            m.cpu, m.cores, m.kernel, m.nats_server, m.natsfn
+        );
+        out += &format!(
+            "{:<16} {:<7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>7}\n",
+            "scenario", "side", "msgs/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "cpu µs/msg", "rss MiB", "ratio"
+        );
+        for r in &self.scenarios {
+            for (label, x, ratio) in [("native", &r.native, None), ("natsfn", &r.natsfn, Some(r.ratio()))] {
+                let lat = |f: fn(&super::Percentiles) -> f64| {
+                    x.latency.as_ref().map_or("-".into(), |p| format!("{:.0}", f(p)))
+                };
+                out += &format!(
+                    "{:<16} {:<7} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>10.2} {:>8.1} {:>7}\n",
+                    r.scenario.name,
+                    label,
+                    x.msgs_per_sec,
+                    lat(|p| p.p50_us),
+                    lat(|p| p.p90_us),
+                    lat(|p| p.p99_us),
+                    lat(|p| p.p999_us),
+                    x.cpu_us_per_msg,
+                    x.peak_rss_mb,
+                    ratio.map_or(String::new(), |q| format!("{q:.2}")),
+                );
+            }
+        }
+        out
+    }
+}
+
+fn side(x: &Measurement) -> Value {
+    let lat = |f: fn(&super::Percentiles) -> f64| x.latency.as_ref().map(f);
+    json!({
+        "msgs_per_sec": x.msgs_per_sec,
+        "p50_us": lat(|p| p.p50_us),
+        "p90_us": lat(|p| p.p90_us),
+        "p99_us": lat(|p| p.p99_us),
+        "p999_us": lat(|p| p.p999_us),
+        "cpu_us_per_msg": x.cpu_us_per_msg,
+        "peak_rss_mb": x.peak_rss_mb,
+        "peak_rss_scope": x.rss_scope.as_str(),
+        "messages": x.messages,
+        "seconds": x.seconds,
+    })
+}

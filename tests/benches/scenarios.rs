@@ -1,0 +1,89 @@
+//! natsfn's named benchmark scenarios, each run natively and through
+//! natsfn back to back against a fresh local nats-server (see
+//! `natsfn::bench` for the method, BENCHMARKS.md for the figures):
+//!
+//! `cargo bench -p natsfn-e2e --bench scenarios -- --json target/bench.json`
+//!
+//! Flags: `--json PATH` writes the JSON report; `--only NAME[,NAME]` runs a
+//! subset; `--scale F` multiplies every message count (`0.1` for a quick
+//! look).
+
+use natsfn::bench::{self, Machine, Mode, Report, Scenario};
+use natsfn_e2e::{nats, HandlerDir};
+
+/// A scenario and the manifest body (triggers, limits...) of its handler.
+struct Case {
+    scenario: Scenario,
+    guest: &'static str,
+    manifest: String,
+}
+
+fn case(name: &str, mode: Mode, payload_size: usize, messages: u64, concurrency: usize) -> Case {
+    let subject = format!("bench.{name}");
+    let trigger = match &mode {
+        Mode::JetStream { stream } => {
+            format!("[[trigger]]\njetstream = {{ stream = \"{stream}\", durable = \"natsfn\" }}")
+        }
+        Mode::Publish | Mode::Request => format!("[[trigger]]\nsubject = \"{subject}\""),
+    };
+    Case {
+        scenario: Scenario { name: name.into(), mode, subject, payload_size, messages, concurrency, output: None },
+        guest: "mirror",
+        manifest: trigger,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut fan = case("fan-through", Mode::Publish, 128, 100_000, 1);
+    fan.scenario.output = Some("bench.fan-through.out".into());
+    fan.guest = "fanout";
+    fan.manifest +=
+        "\n[permissions]\npublish = [\"bench.fan-through.out\"]\n[config]\ntargets = \"bench.fan-through.out\"";
+    let mut reuse = case("core-sub-reuse", Mode::Publish, 128, 500_000, 1);
+    reuse.manifest = format!("instance = \"reuse\"\n{}", reuse.manifest);
+    vec![
+        case("core-sub", Mode::Publish, 128, 200_000, 1),
+        case("req-reply-128", Mode::Request, 128, 20_000, 1),
+        case("req-reply-16k", Mode::Request, 16 * 1024, 10_000, 1),
+        case("req-reply-c32", Mode::Request, 128, 100_000, 32),
+        case("jetstream-ack", Mode::JetStream { stream: "BENCH".into() }, 128, 50_000, 1),
+        fan,
+        reuse,
+    ]
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scale: f64 = flag(&args, "--scale").map_or(1.0, |s| s.parse().expect("--scale takes a number"));
+    let only: Option<Vec<String>> = flag(&args, "--only").map(|s| s.split(',').map(str::to_owned).collect());
+    let mut results = Vec::new();
+    let mut machine = None;
+    for mut c in cases() {
+        if only.as_ref().is_some_and(|o| !o.contains(&c.scenario.name)) {
+            continue;
+        }
+        c.scenario.messages = ((c.scenario.messages as f64 * scale) as u64).max(100);
+        let server = nats();
+        if machine.is_none() {
+            machine = Some(Machine::detect(&server.url()).await.expect("describe the machine"));
+        }
+        let dir = HandlerDir::new();
+        dir.add("handler", "handler", c.guest, &c.manifest);
+        let host = natsfn::Host::builder().handlers_dir(dir.path());
+        eprintln!("running {} ({} messages per side)", c.scenario.name, c.scenario.messages);
+        let result =
+            bench::run(&server.url(), &c.scenario, host).await.unwrap_or_else(|e| panic!("{}: {e}", c.scenario.name));
+        results.push(result);
+    }
+    let report = Report { machine: machine.expect("at least one scenario ran"), scenarios: results };
+    print!("{}", report.table());
+    if let Some(path) = flag(&args, "--json") {
+        report.write_json(path.as_ref()).expect("write the JSON report");
+        eprintln!("wrote {path}");
+    }
+}
