@@ -32,8 +32,11 @@ pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let guests = workspace_root().join("guests");
+        // The components are looked for under guests/target: a target
+        // directory set for the host build must not send them elsewhere.
         let status = cargo()
             .current_dir(&guests)
+            .env_remove("CARGO_TARGET_DIR")
             .args(["build", "--release", "--quiet"])
             .status()
             .expect("run cargo to build the guests");

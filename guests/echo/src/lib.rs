@@ -1,6 +1,8 @@
 //! `echo`: replies with the request unchanged, plus headers that let tests
 //! see which subject was delivered and whether the instance was reused (the
-//! host promises a fresh instance per message, so the count must always be 1).
+//! host promises a fresh instance per message unless the manifest opts into
+//! reuse, so the count is 1 by default). The payload `natsfn:trap` makes it
+//! panic, for tests that need a trapped instance.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -14,6 +16,9 @@ struct Echo;
 impl Guest for Echo {
     fn handle(msg: Message) -> HandleResult {
         let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+        if msg.payload == b"natsfn:trap" {
+            panic!("asked to trap after {calls} calls");
+        }
         let mut headers = msg.headers;
         headers.push(("x-natsfn-calls".to_string(), calls.to_string()));
         headers.push(("x-natsfn-subject".to_string(), msg.subject));

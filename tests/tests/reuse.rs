@@ -1,0 +1,95 @@
+//! Instance reuse (`instance = "reuse"`): an opt-in that keeps guest state
+//! between messages, and the rules that keep it safe: a trapped or timed-out
+//! instance is discarded, limits apply per message, a reload retires the old
+//! instances, and fresh instances stay the default.
+
+use std::time::Duration;
+
+use natsfn_e2e::*;
+
+/// The guest's own count of calls on the instance that answered.
+async fn calls(client: &async_nats::Client, subject: &str) -> u32 {
+    let reply = request(client, subject, "hi").await;
+    header(&reply, "x-natsfn-calls").expect("echo sets x-natsfn-calls").parse().expect("a number")
+}
+
+/// One instance at a time, so consecutive messages see the same one.
+const REUSE_ECHO: &str = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.echo\"\n[limits]\nmax_concurrency = 1";
+
+#[tokio::test]
+async fn a_reused_instance_keeps_its_state_and_a_fresh_one_never_does() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("reused", "reused", "echo", REUSE_ECHO);
+    dir.add("fresh", "fresh", "echo", "instance = \"fresh\"\n[[trigger]]\nsubject = \"fresh.echo\"");
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    for expected in 1..=5 {
+        assert_eq!(calls(&client, "reuse.echo").await, expected);
+        assert_eq!(calls(&client, "fresh.echo").await, 1);
+    }
+    assert!(host.shutdown().await.clean);
+}
+
+#[tokio::test]
+async fn a_trapped_instance_is_discarded() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("reused", "reused", "echo", REUSE_ECHO);
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    assert_eq!(calls(&client, "reuse.echo").await, 1);
+    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    let req = async_nats::Request::new().payload("natsfn:trap".into()).timeout(Some(Duration::from_millis(500)));
+    assert!(client.send_request("reuse.echo", req).await.is_err(), "a trap sends no reply");
+    assert_eq!(calls(&client, "reuse.echo").await, 1, "the next message runs on a new instance");
+    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    assert_eq!(host.handler_stats("reused").unwrap().trapped, 1);
+    assert!(host.shutdown().await.clean);
+}
+
+#[tokio::test]
+async fn time_limits_apply_to_every_message_of_a_reused_instance() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add(
+        "slow",
+        "slow",
+        "slow",
+        "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.slow\"\n[limits]\nmax_concurrency = 1\ntimeout_ms = 300",
+    );
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    let slow = |ms: u64| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("delay-ms", ms.to_string().as_str());
+        async_nats::Request::new().headers(headers).payload("x".into()).timeout(Some(Duration::from_secs(2)))
+    };
+    assert!(client.send_request("reuse.slow", slow(10)).await.is_ok());
+    // Past the first message's deadline: a deadline that was not renewed
+    // would interrupt this one at once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(client.send_request("reuse.slow", slow(10)).await.is_ok(), "the deadline is renewed per message");
+    assert!(client.send_request("reuse.slow", slow(1500)).await.is_err(), "stopped at its own deadline");
+    assert!(client.send_request("reuse.slow", slow(10)).await.is_ok(), "a fresh instance replaces the stopped one");
+    let stats = host.handler_stats("slow").unwrap();
+    assert_eq!((stats.ok, stats.timed_out), (3, 1));
+    assert!(host.shutdown().await.clean);
+}
+
+#[tokio::test]
+async fn a_reload_retires_the_old_instances() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("reused", "reused", "echo", REUSE_ECHO);
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    assert_eq!(calls(&client, "reuse.echo").await, 1);
+    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    dir.add("reused", "reused", "echo", &format!("{REUSE_ECHO}\n[config]\nversion = \"2\""));
+    let report = host.reload().await;
+    assert_eq!(report.changes.len(), 1, "{report:?}");
+    assert_eq!(calls(&client, "reuse.echo").await, 1, "the new version starts from a new instance");
+    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    assert!(host.shutdown().await.clean);
+}
