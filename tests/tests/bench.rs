@@ -1,0 +1,101 @@
+//! `natsfn bench` and the bench library end to end, with message counts too
+//! small to mean anything: these check that every scenario kind runs both
+//! sides to completion and reports every field, never how fast it was
+//! (speed lives in `benches/`, see BENCHMARKS.md).
+
+use natsfn::bench::{self, Mode, Scenario};
+use natsfn_e2e::*;
+use serde_json::Value;
+
+/// Every per-side field of the JSON report, with a sane value.
+fn check_side(side: &Value, timed: bool) {
+    for field in ["msgs_per_sec", "cpu_us_per_msg", "peak_rss_mb"] {
+        let v = side[field].as_f64().unwrap_or_else(|| panic!("{field} missing in {side}"));
+        assert!(v > 0.0 && v.is_finite(), "{field} = {v}");
+    }
+    for field in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+        if timed {
+            let v = side[field].as_f64().unwrap_or_else(|| panic!("{field} missing in {side}"));
+            assert!(v > 0.0, "{field} = {v}");
+        } else {
+            assert!(side[field].is_null(), "{field} is only timed for requests: {side}");
+        }
+    }
+    assert!(side["p50_us"].as_f64() <= side["p99_us"].as_f64());
+}
+
+fn check_report(json: &Value, names: &[&str], timed: bool) {
+    assert!(json["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(!json["machine"]["nats_server"].as_str().unwrap().is_empty());
+    let scenarios = json["scenarios"].as_array().expect("scenarios");
+    let got: Vec<&str> = scenarios.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(got, names);
+    for s in scenarios {
+        check_side(&s["natsfn"], timed);
+        check_side(&s["native"], timed);
+        assert!(s["ratio"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn the_bench_command_writes_a_table_and_json() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("mirror", "mirror", "mirror", "[[trigger]]\nsubject = \"bench.cli\"");
+    let out = tempfile::tempdir().unwrap();
+    let json_path = out.path().join("bench.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_natsfn-cli"))
+        .args(["bench", "--handlers", dir.path().to_str().unwrap(), "--subject", "bench.cli", "--mode", "request"])
+        .args(["--messages", "200", "--concurrency", "4", "--name", "cli-echo", "--nats", &server.url()])
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run natsfn bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("cli-echo") && stdout.contains("natsfn") && stdout.contains("native"), "{stdout}");
+    let json: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    check_report(&json, &["cli-echo"], true);
+}
+
+/// Fire-and-forget, fan-through and JetStream through the library.
+#[tokio::test]
+async fn every_scenario_kind_runs_both_sides_to_completion() {
+    let server = nats();
+    let url = server.url();
+    let machine = bench::Machine::detect(&url).await.unwrap();
+    let scenario = |name: &str, mode: Mode, output: Option<&str>| Scenario {
+        name: name.into(),
+        mode,
+        subject: format!("bench.{name}"),
+        payload_size: 128,
+        messages: 300,
+        concurrency: 1,
+        output: output.map(Into::into),
+    };
+    let cases = [
+        (scenario("sub", Mode::Publish, None), "mirror", "[[trigger]]\nsubject = \"bench.sub\""),
+        (
+            scenario("fan", Mode::Publish, Some("bench.fan.out")),
+            "fanout",
+            "[[trigger]]\nsubject = \"bench.fan\"\n[permissions]\npublish = [\"bench.fan.out\"]\n[config]\ntargets = \"bench.fan.out\"",
+        ),
+        (
+            scenario("js", Mode::JetStream { stream: "BENCHJS".into() }, None),
+            "mirror",
+            "[[trigger]]\njetstream = { stream = \"BENCHJS\", durable = \"natsfn\" }",
+        ),
+    ];
+    let mut results = Vec::new();
+    for (s, guest_name, manifest) in cases {
+        let dir = HandlerDir::new();
+        dir.add("h", "h", guest_name, manifest);
+        let host = natsfn::Host::builder().handlers_dir(dir.path());
+        let r = bench::run(&url, &s, host).await.unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        assert_eq!((r.natsfn.messages, r.native.messages), (300, 300));
+        results.push(r);
+    }
+    let report = bench::Report { machine, scenarios: results };
+    check_report(&report.to_json(), &["sub", "fan", "js"], false);
+    assert!(report.table().lines().count() >= 8);
+}
