@@ -62,7 +62,7 @@ async fn main() {
     let scale: f64 = flag(&args, "--scale").map_or(1.0, |s| s.parse().expect("--scale takes a number"));
     let only: Option<Vec<String>> = flag(&args, "--only").map(|s| s.split(',').map(str::to_owned).collect());
     let mut results = Vec::new();
-    let mut machine = None;
+    let mut machine: Option<Machine> = None;
     for mut c in cases() {
         if only.as_ref().is_some_and(|o| !o.contains(&c.scenario.name)) {
             continue;
@@ -80,7 +80,15 @@ async fn main() {
             bench::run(&server.url(), &c.scenario, host).await.unwrap_or_else(|e| panic!("{}: {e}", c.scenario.name));
         results.push(result);
     }
-    let report = Report { machine: machine.expect("at least one scenario ran"), scenarios: results };
+    let server = nats();
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let wasm = std::fs::read(natsfn_e2e::guest("mirror")).expect("read the mirror guest");
+    let cost = bench::instance_cost(client, &wasm, (20_000.0 * scale) as u32 + 100).await.expect("instance cost");
+    let machine = match machine {
+        Some(m) => m,
+        None => Machine::detect(&server.url()).await.expect("describe the machine"),
+    };
+    let report = Report { machine, scenarios: results, instance_cost: Some(cost) };
     print!("{}", report.table());
     if let Some(path) = flag(&args, "--json") {
         report.write_json(path.as_ref()).expect("write the JSON report");

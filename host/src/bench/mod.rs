@@ -17,11 +17,13 @@
 //! table and writes the JSON that `natsfn bench --json` and the
 //! `scenarios` benchmark produce.
 
+mod instantiate;
 mod load;
 mod measure;
 mod native;
 mod report;
 
+pub use instantiate::{instance_cost, InstanceCost};
 pub use measure::{Percentiles, RssScope};
 pub use report::{Machine, Report};
 

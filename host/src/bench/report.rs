@@ -55,6 +55,8 @@ pub struct Report {
     pub machine: Machine,
     /// What, in the order run.
     pub scenarios: Vec<ScenarioResult>,
+    /// The instance's own cost per message, measured in isolation.
+    pub instance_cost: Option<super::InstanceCost>,
 }
 
 impl Report {
@@ -77,12 +79,14 @@ impl Report {
                 })
             })
             .collect();
+        let cost = self.instance_cost.map(|c| json!({"fresh": c.fresh_us, "reuse": c.reuse_us}));
         json!({
             "machine": {
                 "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel,
                 "nats_server": m.nats_server, "natsfn": m.natsfn,
             },
             "scenarios": scenarios,
+            "instance_cost_us": cost,
         })
     }
 
@@ -122,6 +126,12 @@ impl Report {
                     ratio.map_or(String::new(), |q| format!("{q:.2}")),
                 );
             }
+        }
+        if let Some(c) = self.instance_cost {
+            out += &format!(
+                "instantiate + call + drop, in isolation: {:.2} µs fresh, {:.2} µs reused\n",
+                c.fresh_us, c.reuse_us
+            );
         }
         out
     }

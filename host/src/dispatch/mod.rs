@@ -14,7 +14,7 @@
 //! Each invocation runs inside its span (see `span`), which host calls
 //! parent their own spans on and which carries the outcome.
 
-mod pool;
+pub(crate) mod pool;
 mod span;
 
 pub(crate) use span::Origin;
@@ -484,7 +484,10 @@ impl Dispatcher {
                     s.start()
                 }
             };
-            let run = invoke(&this, &handler, delivery, &span, &mut admission);
+            // Boxed: the invocation's state (wasmtime's call futures
+            // included) is kilobytes, and the task would otherwise copy all
+            // of it at every move on the way into the scheduler.
+            let run = Box::pin(invoke(&this, &handler, delivery, &span, &mut admission));
             tokio::select! {
                 () = run.instrument(span.clone()) => {}
                 () = this.abandon.cancelled() => {

@@ -73,12 +73,6 @@ impl InstancePool {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(idle);
     }
-
-    /// Idle instances right now.
-    #[cfg(test)]
-    pub(crate) fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, Vec::len)
-    }
 }
 
 /// The store and instance one invocation runs on.
