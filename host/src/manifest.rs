@@ -1,6 +1,7 @@
 //! Handler manifests: the TOML file beside a `.wasm` that says what a handler
 //! is called, which tenant owns it, what triggers it, what it may do and with
-//! which limits.
+//! which limits, and whether its instances may be reused across messages
+//! (`instance = "reuse"`, see [`InstanceMode`]; fresh per message otherwise).
 //!
 //! Parsing is two steps. Serde reads the file into `Raw*` structs that mirror
 //! the TOML (unknown fields are rejected there), then [`Manifest::from_raw`]
