@@ -16,6 +16,26 @@ async fn calls(client: &async_nats::Client, subject: &str) -> u32 {
 /// One instance at a time, so consecutive messages see the same one.
 const REUSE_ECHO: &str = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.echo\"\n[limits]\nmax_concurrency = 1";
 
+/// A host serving [`REUSE_ECHO`] whose instance has handled two messages.
+/// Bind every field: the server and directory must outlive the test.
+struct Warm {
+    _server: NatsServer,
+    dir: HandlerDir,
+    host: natsfn::RunningHost,
+    client: async_nats::Client,
+}
+
+async fn warm_reused_echo() -> Warm {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("reused", "reused", "echo", REUSE_ECHO);
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    assert_eq!(calls(&client, "reuse.echo").await, 1);
+    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    Warm { _server: server, dir, host, client }
+}
+
 #[tokio::test]
 async fn a_reused_instance_keeps_its_state_and_a_fresh_one_never_does() {
     let server = nats();
@@ -33,13 +53,7 @@ async fn a_reused_instance_keeps_its_state_and_a_fresh_one_never_does() {
 
 #[tokio::test]
 async fn a_trapped_instance_is_discarded() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    dir.add("reused", "reused", "echo", REUSE_ECHO);
-    let host = start_host(&server, &dir).await;
-    let client = client(&server).await;
-    assert_eq!(calls(&client, "reuse.echo").await, 1);
-    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    let Warm { _server, dir: _dir, host, client } = warm_reused_echo().await;
     let req = async_nats::Request::new().payload("natsfn:trap".into()).timeout(Some(Duration::from_millis(500)));
     assert!(client.send_request("reuse.echo", req).await.is_err(), "a trap sends no reply");
     assert_eq!(calls(&client, "reuse.echo").await, 1, "the next message runs on a new instance");
@@ -79,13 +93,7 @@ async fn time_limits_apply_to_every_message_of_a_reused_instance() {
 
 #[tokio::test]
 async fn a_reload_retires_the_old_instances() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    dir.add("reused", "reused", "echo", REUSE_ECHO);
-    let host = start_host(&server, &dir).await;
-    let client = client(&server).await;
-    assert_eq!(calls(&client, "reuse.echo").await, 1);
-    assert_eq!(calls(&client, "reuse.echo").await, 2);
+    let Warm { _server, dir, host, client } = warm_reused_echo().await;
     dir.add("reused", "reused", "echo", &format!("{REUSE_ECHO}\n[config]\nversion = \"2\""));
     let report = host.reload().await;
     assert_eq!(report.changes.len(), 1, "{report:?}");

@@ -165,7 +165,7 @@ enum Side {
 /// starts, as they would be in a host that has been serving for a while.
 enum Ready {
     Native,
-    Natsfn(crate::Host),
+    Natsfn(Box<crate::Host>),
 }
 
 impl Side {
@@ -177,7 +177,7 @@ impl Side {
                 if let Some(e) = host.load_errors().first() {
                     return Err(BenchError::Handler(e.to_string()));
                 }
-                Ok(Ready::Natsfn(host))
+                Ok(Ready::Natsfn(Box::new(host)))
             }
         }
     }
