@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 
 use super::BenchError;
 use crate::bindings::Message;
-use crate::dispatch::pool::{InstancePool, Lease};
+use crate::dispatch::pool::{InstancePool, InstanceSlot, Lease};
+use crate::dispatch::Stats;
 use crate::engine::Engine;
-use crate::hostcalls::{Buckets, Invocation};
-use crate::manifest::Manifest;
+use crate::hostcalls::Invocation;
+use crate::manifest::{Manifest, TenantId};
+use crate::tenant::config::TenantLimits;
+use crate::tenant::Tenant;
 
 /// Mean wall time per message, fresh and reused.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,13 +32,14 @@ pub struct InstanceCost {
 /// Measures `wasm` (a component of the handler world) `iterations` times
 /// each way, after a warm-up.
 pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u32) -> Result<InstanceCost, BenchError> {
-    let engine = Engine::new(4, None).map_err(|e| BenchError::Handler(e.to_string()))?;
+    let engine = Engine::new(4, None, false).map_err(|e| BenchError::Handler(e.to_string()))?;
     let (compiled, _) = engine.compile(wasm).map_err(|e| BenchError::Handler(e.to_string()))?;
     let manifest = Arc::new(
         Manifest::from_toml("name = \"cost\"\n[[trigger]]\nsubject = \"cost\"\n", "cost.toml".as_ref())
             .map_err(|e| BenchError::Handler(e.to_string()))?,
     );
-    let buckets = Arc::new(Buckets::new(nats.clone()));
+    let tenant = Arc::new(Tenant::on_connection(TenantId::default(), nats, TenantLimits::default()));
+    let stats = Arc::new(Stats::default());
     let msg = Message {
         subject: "cost".into(),
         reply: None,
@@ -46,10 +50,10 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
     };
     let calls = || Invocation {
         manifest: manifest.clone(),
-        nats: nats.clone(),
+        tenant: tenant.clone(),
+        stats: stats.clone(),
         deadline: tokio::time::Instant::now() + manifest.limits.timeout,
         jetstream: None,
-        buckets: buckets.clone(),
         table: wasmtime::component::ResourceTable::new(),
         span: tracing::Span::none(),
     };
@@ -65,7 +69,9 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
                 let mut lease = Lease::checkout(engine, pool.as_ref(), calls());
                 let result = lease.call(&compiled.pre, msg).await;
                 let ok = matches!(result, Ok(Ok(_)));
-                lease.checkin(pool.as_ref(), ok, slots.clone().try_acquire_owned().ok());
+                let slot =
+                    slots.clone().try_acquire_owned().ok().map(|host| InstanceSlot { _tenant: None, _host: host });
+                lease.checkin(pool.as_ref(), ok, slot);
                 if round >= iterations / 10 {
                     total += start.elapsed();
                 }
