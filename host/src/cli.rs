@@ -449,7 +449,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let measured = async {
         let machine = Machine::detect(&url).await?;
         let result = bench::run(&url, &scenario, host).await?;
-        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_cost: None })
+        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_cost: None, idle: None })
     };
     let code = match measured.await {
         Ok(report) => {

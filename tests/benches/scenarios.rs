@@ -9,6 +9,7 @@
 //! look).
 
 use natsfn::bench::{self, Machine, Mode, Report, Scenario};
+
 use natsfn_e2e::{nats, HandlerDir};
 
 /// A scenario and the manifest body (triggers, limits...) of its handler.
@@ -52,6 +53,31 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// How many handlers the idle-memory measurement loads.
+const IDLE_HANDLERS: usize = 100;
+
+/// Resident memory of this process with [`IDLE_HANDLERS`] handlers (the
+/// mirror guest, one subject each) loaded, bound and idle, in MiB.
+async fn idle_rss(server: &natsfn::NatsServer) -> f64 {
+    let dir = HandlerDir::new();
+    for i in 0..IDLE_HANDLERS {
+        dir.add(&format!("h{i}"), &format!("h{i}"), "mirror", &format!("[[trigger]]\nsubject = \"idle.{i}\""));
+    }
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.expect("build");
+    let running = host.start().await.expect("start");
+    assert_eq!(running.handlers().len(), IDLE_HANDLERS);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    running.shutdown().await;
+    kib / 1024.0
+}
+
 fn flag(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
 }
@@ -81,6 +107,8 @@ async fn main() {
         results.push(result);
     }
     let server = nats();
+    // Before the instance-cost engine adds its own pool and code.
+    let idle = bench::IdleMemory { handlers: IDLE_HANDLERS, rss_mb: idle_rss(&server).await };
     let client = async_nats::connect(server.url()).await.expect("connect");
     let wasm = std::fs::read(natsfn_e2e::guest("mirror")).expect("read the mirror guest");
     let cost = bench::instance_cost(client, &wasm, (20_000.0 * scale) as u32 + 100).await.expect("instance cost");
@@ -88,7 +116,7 @@ async fn main() {
         Some(m) => m,
         None => Machine::detect(&server.url()).await.expect("describe the machine"),
     };
-    let report = Report { machine, scenarios: results, instance_cost: Some(cost) };
+    let report = Report { machine, scenarios: results, instance_cost: Some(cost), idle: Some(idle) };
     print!("{}", report.table());
     if let Some(path) = flag(&args, "--json") {
         report.write_json(path.as_ref()).expect("write the JSON report");

@@ -95,7 +95,7 @@ async fn every_scenario_kind_runs_both_sides_to_completion() {
         assert_eq!((r.natsfn.messages, r.native.messages), (300, 300));
         results.push(r);
     }
-    let report = bench::Report { machine, scenarios: results, instance_cost: None };
+    let report = bench::Report { machine, scenarios: results, instance_cost: None, idle: None };
     check_report(&report.to_json(), &["sub", "fan", "js"], false);
     assert!(report.table().lines().count() >= 8);
 }

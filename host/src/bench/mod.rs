@@ -25,7 +25,7 @@ mod report;
 
 pub use instantiate::{instance_cost, InstanceCost};
 pub use measure::{Percentiles, RssScope};
-pub use report::{Machine, Report};
+pub use report::{IdleMemory, Machine, Report};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -57,6 +57,18 @@ pub struct Report {
     pub scenarios: Vec<ScenarioResult>,
     /// The instance's own cost per message, measured in isolation.
     pub instance_cost: Option<super::InstanceCost>,
+    /// Resident memory with many handlers loaded and idle.
+    pub idle: Option<IdleMemory>,
+}
+
+/// Resident memory of a process whose host has `handlers` handlers loaded,
+/// bound and idle.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdleMemory {
+    /// Handlers loaded.
+    pub handlers: usize,
+    /// `VmRSS`, in MiB.
+    pub rss_mb: f64,
 }
 
 impl Report {
@@ -87,6 +99,7 @@ impl Report {
             },
             "scenarios": scenarios,
             "instance_cost_us": cost,
+            "idle": self.idle.map(|i| json!({"handlers": i.handlers, "rss_mb": i.rss_mb})),
         })
     }
 
@@ -132,6 +145,9 @@ impl Report {
                 "instantiate + call + drop, in isolation: {:.2} µs fresh, {:.2} µs reused\n",
                 c.fresh_us, c.reuse_us
             );
+        }
+        if let Some(i) = self.idle {
+            out += &format!("RSS with {} handlers loaded and idle: {:.1} MiB\n", i.handlers, i.rss_mb);
         }
         out
     }
