@@ -85,10 +85,13 @@ pub(crate) async fn settle(
     };
 
     let sent = match action {
-        // Every settlement is confirmed, so the server has counted it before
-        // this slot is reused for the next pull: ack-pending never exceeds
-        // the slots, and shutdown has nothing unconfirmed left to flush.
-        Action::Ack => js.msg.double_ack().await.map(|()| stats.acked()),
+        // A success ack is not confirmed: waiting for the server's reply to
+        // every ack halved throughput (one round trip per message), and an
+        // ack lost with the connection only means a redelivery, which
+        // at-least-once allows. Shutdown flushes the connection, so no ack
+        // is left in the client's buffer. Naks and give-ups are rare and
+        // stay confirmed: a give-up must know the term happened.
+        Action::Ack => js.msg.ack().await.map(|()| stats.acked()),
         Action::Nak(delay) => js.msg.double_ack_with(AckKind::Nak(delay)).await.map(|()| stats.naked()),
         Action::GiveUp(why) => give_up(&js, trigger, manifest, nats, delivered, &why, stats).await,
     };

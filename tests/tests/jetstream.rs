@@ -333,7 +333,10 @@ async fn ack_pending_never_exceeds_max_concurrency() {
         assert!(start.elapsed() < Duration::from_secs(30), "never finished: {info:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!((1..=2).contains(&peak), "ack pending peaked at {peak}, bound is 2");
+    // Success acks are not confirmed, so a slot's previous message can
+    // still count on the server while its next one is delivered: at most
+    // twice the slots. Pulling past the permits (batch = 10) would show here.
+    assert!((1..=4).contains(&peak), "ack pending peaked at {peak}, bound is 2 slots + 2 acks in flight");
     let stats = host.handler_stats("slow").unwrap();
     assert_eq!((stats.acked, stats.peak_in_flight), (20, 2));
     host.shutdown().await;

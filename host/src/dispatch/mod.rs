@@ -167,9 +167,9 @@ pub struct HandlerStats {
 
 impl HandlerStats {
     /// Invocations that have ended, however they ended (for JetStream,
-    /// after the settlement was confirmed).
+    /// after the message was settled).
     pub fn finished(&self) -> u64 {
-        self.ok + self.failed + self.trapped + self.timed_out + self.memory_limit
+        self.ok + self.failed + self.trapped + self.timed_out + self.memory_limit + self.out_of_fuel
     }
 }
 

@@ -13,9 +13,9 @@
 //! delivered the moment they arrive.
 //!
 //! Settling (ack, nak, term, dead letter) happens in `settle` once the
-//! invocation ends. Each invocation waits for the server to confirm its own
-//! settlement before giving its slot back; invocations do not wait on each
-//! other, so acks are concurrent, never one after another.
+//! invocation ends, before the invocation gives its slot back. A success ack
+//! is sent without waiting for the server; naks and give-ups wait for its
+//! confirmation. Invocations never wait on each other's settlements.
 
 use std::sync::Arc;
 use std::time::Duration;
