@@ -561,7 +561,11 @@ fn print_reload(report: &crate::ReloadReport) {
             c.handler,
             c.tenant,
             c.compile.as_secs_f64() * 1e3,
-            if c.cache == Some(crate::engine::CacheOutcome::Hit) { " (cached)" } else { "" },
+            match c.cache {
+                Some(crate::engine::CacheOutcome::Hit) => " (cached)",
+                Some(crate::engine::CacheOutcome::Shared) => " (shared with a loaded handler)",
+                _ => "",
+            },
             c.swap.as_secs_f64() * 1e3,
         );
     }

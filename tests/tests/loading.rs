@@ -178,3 +178,25 @@ async fn a_restart_with_a_warm_cache_skips_compilation() {
     assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Miss);
     assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Hit);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_with_the_same_component_share_its_code() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    for tenant in ["t1", "t2", "t3"] {
+        dir.add(tenant, "echo", "echo", &format!("tenant = \"{tenant}\"\n[[trigger]]\nsubject = \"{tenant}.echo\""));
+    }
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.unwrap();
+    let mut outcomes: Vec<_> = host.handlers().iter().map(|h| h.cache).collect();
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    use natsfn::engine::CacheOutcome::{Miss, Shared};
+    assert_eq!(outcomes, vec![Miss, Shared, Shared], "compiled once, shared twice");
+    let running = host.start().await.unwrap();
+    let client = client(&server).await;
+    for tenant in ["t1", "t2", "t3"] {
+        assert_eq!(text(&request(&client, &format!("{tenant}.echo"), tenant).await), tenant);
+    }
+    // Each handler still gets its own instances and counters.
+    assert_eq!(running.stats().iter().map(|(_, s)| s.invocations).sum::<u64>(), 3);
+    running.shutdown().await;
+}

@@ -19,6 +19,9 @@ pub enum CacheOutcome {
     Hit,
     /// Compiled (and stored, when there is a cache).
     Miss,
+    /// Already loaded for another handler (or version) with the same
+    /// component bytes: the code in memory is shared, nothing was read.
+    Shared,
 }
 
 /// A directory of precompiled components.

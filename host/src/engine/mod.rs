@@ -67,7 +67,20 @@ pub struct Compiled {
     pub(crate) pre: HandlerPre<StoreData>,
     /// Hex SHA-256 of the component bytes: the handler's version.
     pub digest: String,
+    /// Keeps the shared code registered while any handler uses it.
+    _code: Arc<LoadedCode>,
 }
+
+/// Code loaded for one component digest, shared by every handler whose
+/// component has those bytes: a host running the same function for many
+/// tenants holds its machine code once.
+struct LoadedCode {
+    pre: HandlerPre<StoreData>,
+}
+
+/// Loaded code by component digest. Weak, so code no handler uses any more
+/// (an old version after a reload) is freed.
+type LoadedCodeMap = std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<LoadedCode>>>;
 
 /// Everything one invocation's store holds.
 pub(crate) struct StoreData {
@@ -160,6 +173,7 @@ pub struct Engine {
     inner: wasmtime::Engine,
     linker: Arc<Linker<StoreData>>,
     cache: Option<CodeCache>,
+    loaded: Arc<LoadedCodeMap>,
     fuel: bool,
 }
 
@@ -210,7 +224,13 @@ impl Engine {
         hostcalls::add_to_linker(&mut linker, |d: &mut StoreData| &mut d.calls).map_err(EngineError::Config)?;
 
         spawn_epoch_ticker(&inner).map_err(EngineError::Ticker)?;
-        Ok(Engine { inner, linker: Arc::new(linker), cache: cache_dir.map(CodeCache::new), fuel })
+        Ok(Engine {
+            inner,
+            linker: Arc::new(linker),
+            cache: cache_dir.map(CodeCache::new),
+            loaded: Arc::default(),
+            fuel,
+        })
     }
 
     /// Whether compiled code meters fuel.
@@ -223,6 +243,9 @@ impl Engine {
     /// async runtime's worker threads.
     pub fn compile(&self, wasm: &[u8]) -> Result<(Compiled, CacheOutcome), EngineError> {
         let digest: String = Sha256::digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(code) = self.loaded_code(&digest) {
+            return Ok((Compiled { pre: code.pre.clone(), digest, _code: code }, CacheOutcome::Shared));
+        }
         let cached = self.cache.as_ref().and_then(|c| c.load(&self.inner, &digest));
         let (component, outcome) = match cached {
             Some(component) => (component, CacheOutcome::Hit),
@@ -236,7 +259,17 @@ impl Engine {
         };
         let instance_pre = self.linker.instantiate_pre(&component).map_err(EngineError::World)?;
         let pre = HandlerPre::new(instance_pre).map_err(EngineError::World)?;
-        Ok((Compiled { pre, digest }, outcome))
+        let code = Arc::new(LoadedCode { pre: pre.clone() });
+        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loaded.retain(|_, weak| weak.strong_count() > 0);
+        loaded.insert(digest.clone(), Arc::downgrade(&code));
+        Ok((Compiled { pre, digest, _code: code }, outcome))
+    }
+
+    /// The code already loaded for `digest`, if a handler still uses it.
+    fn loaded_code(&self, digest: &str) -> Option<Arc<LoadedCode>> {
+        let loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loaded.get(digest).and_then(std::sync::Weak::upgrade)
     }
 
     /// A fresh store for one invocation, with the handler's memory limit and
