@@ -319,6 +319,17 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     let stats = host.handler_stats("attacker").unwrap();
     assert_eq!(stats.rate_limited, 1, "{stats:?}");
 
+    // The handler asked for 64 concurrent invocations; the tenant allows 2.
+    let holds = (0..8).map(|_| {
+        let a = a.clone();
+        tokio::spawn(async move { text(&request(&a, "attack", "hold 1 200").await) })
+    });
+    for held in futures::future::join_all(holds).await {
+        assert_eq!(held.unwrap(), "held");
+    }
+    let stats = host.handler_stats("attacker").unwrap();
+    assert_eq!(stats.peak_in_flight, 2, "max_concurrency was not lowered to the tenant's: {stats:?}");
+
     // 20,000 lines in a burst; the tenant's log rate lets about 100 through.
     assert_eq!(text(&request(&a, "attack", "logflood").await), "logged");
     let dropped = tenant_stats(&host, "a").logs_dropped;
