@@ -522,3 +522,28 @@ async fn fuel_stops_a_loop_deterministically() {
     let _ = guest("echo");
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_connects_with_a_token_and_its_timeout_ceiling_applies() {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let server = server_with_config(conf_dir.path(), "authorization { token: \"s3cret-token\" }\n");
+    let dir = HandlerDir::new();
+    dir.write("token", "s3cret-token\n");
+    handler(&dir, "greeter", "t", "greeter", "[[trigger]]\nsubject = \"hello\"\n[config]\ngreeting = \"token\"");
+    // No timeout of its own: the default (5 s) is above the tenant's ceiling.
+    handler(&dir, "attacker", "t", "attacker", "[[trigger]]\nsubject = \"attack\"");
+    let cfg = config(&dir, "[tenants.t]\ntoken = { file = \"token\" }\n[tenants.t.limits]\ntimeout_ms = 200\n");
+    let host = Host::builder().nats_url(server.url()).config(cfg).handlers_dir(dir.path()).build().await.unwrap();
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    let host = host.start().await.unwrap();
+    let client = async_nats::ConnectOptions::with_token("s3cret-token".into()).connect(server.url()).await.unwrap();
+    assert_eq!(text(&request(&client, "hello", "x").await), "token, x!");
+
+    let started = Instant::now();
+    client.publish("attack", "spin".into()).await.unwrap();
+    while host.handler_stats("attacker").unwrap().timed_out == 0 {
+        assert!(started.elapsed() < Duration::from_secs(3), "the tenant's 200 ms ceiling did not apply");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    host.shutdown().await;
+}
