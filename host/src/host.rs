@@ -341,6 +341,8 @@ impl HostBuilder {
         let mut handlers = Vec::new();
         let mut fingerprints = HashMap::new();
         for p in prepared {
+            // load_all was given the tenants, so every handler it returns
+            // was admitted by one.
             let Some(tenant) = p.tenant else { continue };
             let h = LoadedHandler::new(p.manifest, p.compiled, p.cache, tenant);
             if let Some(fp) = p.fingerprint {
@@ -392,19 +394,7 @@ async fn load_all(
     let mut load_errors = Vec::new();
     for candidate in candidates {
         let prepared = match candidate {
-            Ok((mut manifest, wasm)) => {
-                let admitted = match tenants.as_deref_mut() {
-                    Some(tenants) => {
-                        let in_tenant = loaded.iter().filter(|p| p.manifest.tenant == manifest.tenant).count();
-                        admit(tenants, &mut manifest, engine, in_tenant).map(Some)
-                    }
-                    None => Ok(None),
-                };
-                match admitted {
-                    Ok(tenant) => load(engine, manifest, wasm, &loaded, tenant).await,
-                    Err(e) => Err(e),
-                }
-            }
+            Ok((manifest, wasm)) => load(engine, manifest, wasm, &loaded, tenants.as_deref_mut()).await,
             Err(e) => Err(e),
         };
         match prepared {
@@ -464,15 +454,16 @@ pub async fn validate(dirs: &[PathBuf]) -> Result<(Vec<HandlerInfo>, Vec<LoadErr
 }
 
 /// Reads (if needed) and compiles one handler's component off the async
-/// worker threads, and rejects a name already taken by a handler given
-/// another way (directories check duplicates among themselves). Handlers
-/// from files come with their fingerprint, which reload compares.
+/// worker threads, after rejecting a name already taken by a handler given
+/// another way (directories check duplicates among themselves) and, given
+/// `tenants`, having the handler admitted by its tenant. Handlers from files
+/// come with their fingerprint, which reload compares.
 async fn load(
     engine: &Engine,
-    manifest: Manifest,
+    mut manifest: Manifest,
     wasm: Option<Vec<u8>>,
     loaded: &[Prepared],
-    tenant: Option<Arc<Tenant>>,
+    tenants: Option<&mut Tenants>,
 ) -> Result<Prepared, LoadError> {
     if let Some(first) =
         loaded.iter().find(|h| h.manifest.name == manifest.name && h.manifest.tenant == manifest.tenant)
@@ -484,6 +475,13 @@ async fn load(
             first: first.manifest.origin.clone(),
         }));
     }
+    let tenant = match tenants {
+        Some(tenants) => {
+            let in_tenant = loaded.iter().filter(|p| p.manifest.tenant == manifest.tenant).count();
+            Some(admit(tenants, &mut manifest, engine, in_tenant)?)
+        }
+        None => None,
+    };
     let (wasm, fingerprint) = match wasm {
         Some(w) => (w, None),
         None => {
@@ -586,8 +584,9 @@ impl Host {
         &self.load_errors
     }
 
-    /// The tenants that started, with their counters.
-    pub fn tenants(&self) -> Vec<(TenantId, TenantStats)> {
+    /// The tenants that started, with their counters (all zero before
+    /// start; [`RunningHost::tenant_stats`] once running).
+    pub fn tenant_stats(&self) -> Vec<(TenantId, TenantStats)> {
         self.tenants.all().map(|t| (t.id.clone(), t.stats())).collect()
     }
 
