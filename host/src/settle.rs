@@ -58,7 +58,7 @@ pub(crate) async fn settle(
     nats: &async_nats::Client,
     stats: &Stats,
 ) {
-    let delivered = js.msg.info().map(|i| i.delivered).unwrap_or(1);
+    let delivered = i64::try_from(js.delivered).unwrap_or(i64::MAX);
     let last_delivery = delivered >= i64::from(trigger.max_deliver);
     let retry = |delay: Option<Duration>, why: String| {
         if last_delivery {

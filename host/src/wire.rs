@@ -66,9 +66,11 @@ pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
 
 /// Turns a JetStream message into the WIT record, with its stream position,
 /// and for a KV watch the key, revision and operation. The reply subject is
-/// left out: for JetStream it is the ack subject.
-pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message, watch: Option<&KvWatch>) -> Message {
-    let jetstream = msg.info().ok().map(|info| JetstreamMeta {
+/// The delivery data JetStream encodes in a message's reply subject,
+/// parsed once per delivery: the span, the guest and the settlement all
+/// read it from here.
+pub(crate) fn jetstream_meta(msg: &async_nats::jetstream::Message) -> Option<JetstreamMeta> {
+    msg.info().ok().map(|info| JetstreamMeta {
         stream: info.stream.to_owned(),
         consumer: info.consumer.to_owned(),
         stream_sequence: info.stream_sequence,
@@ -76,7 +78,15 @@ pub(crate) fn jetstream_to_wit(msg: &async_nats::jetstream::Message, watch: Opti
         delivered: info.delivered.max(0) as u64,
         pending: info.pending,
         timestamp_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-    });
+    })
+}
+
+/// left out: for JetStream it is the ack subject.
+pub(crate) fn jetstream_to_wit(
+    msg: &async_nats::jetstream::Message,
+    jetstream: Option<JetstreamMeta>,
+    watch: Option<&KvWatch>,
+) -> Message {
     let kv = watch.map(|w| {
         // The bucket stream stores key `k` under `$KV.<bucket>.k`; a delete
         // or purge is a marker message with a `KV-Operation` header.

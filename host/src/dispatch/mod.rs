@@ -39,7 +39,21 @@ pub(crate) enum Delivery {
     /// A JetStream message, settled (ack/nak/term) by the trigger's policy.
     /// Boxed: a JetStream message carries its context and is twice the
     /// size of a core one.
-    JetStream(Box<async_nats::jetstream::Message>, Arc<JetStreamTrigger>),
+    JetStream(Box<JetStreamDelivery>, Arc<JetStreamTrigger>),
+}
+
+/// A JetStream message with its delivery data, parsed from the reply
+/// subject once, when the trigger receives it.
+pub(crate) struct JetStreamDelivery {
+    msg: async_nats::jetstream::Message,
+    meta: Option<crate::bindings::natsfn::host::types::JetstreamMeta>,
+}
+
+impl JetStreamDelivery {
+    pub(crate) fn new(msg: async_nats::jetstream::Message) -> Box<Self> {
+        let meta = wire::jetstream_meta(&msg);
+        Box::new(JetStreamDelivery { msg, meta })
+    }
 }
 
 /// A handler ready to run: its manifest, its compiled component, and the
@@ -266,11 +280,15 @@ pub(crate) async fn invoke(
             let reply_to = msg.reply.clone();
             (wire::message_to_wit(msg), reply_to, None, None)
         }
-        Delivery::JetStream(msg, trigger) => {
+        Delivery::JetStream(received, trigger) => {
+            let JetStreamDelivery { msg, meta } = *received;
+            // Unparseable delivery data counts as a first delivery.
+            let delivered = meta.as_ref().map_or(1, |m| m.delivered);
             // The message's reply subject is its ack subject: not the
             // guest's to publish to.
-            let wit_msg = wire::jetstream_to_wit(&msg, trigger.kv.as_ref());
-            (wit_msg, None, Some(JetStreamAck { msg: *msg, decision: Decision::Undecided }), Some(trigger))
+            let wit_msg = wire::jetstream_to_wit(&msg, meta, trigger.kv.as_ref());
+            let ack = JetStreamAck { msg, decision: Decision::Undecided, delivered };
+            (wit_msg, None, Some(ack), Some(trigger))
         }
     };
     let calls = Invocation {
@@ -470,15 +488,14 @@ impl Dispatcher {
         tenant.spawn(&self.invocations, async move {
             let span = match &delivery {
                 Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(),
-                Delivery::JetStream(msg, _) => {
-                    let info = msg.info().ok();
-                    let mut s = span::InvocationSpan::new(&handler, &msg.message, &origin);
-                    if let Some(info) = &info {
+                Delivery::JetStream(received, _) => {
+                    let mut s = span::InvocationSpan::new(&handler, &received.msg.message, &origin);
+                    if let Some(meta) = &received.meta {
                         s = s.jetstream(span::JetStreamMeta {
-                            stream: info.stream,
-                            consumer: info.consumer,
-                            stream_sequence: info.stream_sequence,
-                            delivered: info.delivered.max(0) as u64,
+                            stream: &meta.stream,
+                            consumer: &meta.consumer,
+                            stream_sequence: meta.stream_sequence,
+                            delivered: meta.delivered,
                         });
                     }
                     s.start()

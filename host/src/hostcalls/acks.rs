@@ -19,6 +19,8 @@ use crate::bindings::WitError;
 pub(crate) struct JetStreamAck {
     pub(crate) msg: async_nats::jetstream::Message,
     pub(crate) decision: Decision,
+    /// How many times the message has been delivered, this time included.
+    pub(crate) delivered: u64,
 }
 
 /// What the guest decided about its message, if anything.

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, Origin};
+use crate::dispatch::{Delivery, Dispatcher, JetStreamDelivery, Origin};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
 use crate::registry::HandlerSlot;
 
@@ -204,7 +204,7 @@ async fn pull_loop(
                     dispatcher.spawn(
                         handler,
                         origin.clone(),
-                        Delivery::JetStream(Box::new(msg), trigger.clone()),
+                        Delivery::JetStream(JetStreamDelivery::new(msg), trigger.clone()),
                         admission,
                     );
                 }
