@@ -14,8 +14,12 @@
 //! Each invocation runs inside its span (see `span`), which host calls
 //! parent their own spans on and which carries the outcome.
 
+mod lanes;
 pub(crate) mod pool;
 mod span;
+
+use lanes::Job;
+pub(crate) use lanes::Lanes;
 
 pub(crate) use span::Origin;
 
@@ -473,19 +477,43 @@ impl Dispatcher {
         ok
     }
 
-    /// Runs `delivery` through `handler` in its own task, holding
-    /// `admission` until it ends. `origin` is what the trigger knows about
-    /// the message's source, for the invocation's span.
-    pub(crate) fn spawn(
+    /// Runs `delivery` through `handler` in one of the trigger's `lanes`,
+    /// holding `admission` until it ends. `origin` is what the trigger
+    /// knows about the message's source, for the invocation's span.
+    pub(crate) fn start(
+        &self,
+        lanes: &lanes::Lanes,
+        handler: Arc<LoadedHandler>,
+        origin: Arc<Origin>,
+        delivery: Delivery,
+        admission: Admission,
+    ) {
+        let tenant = handler.tenant.clone();
+        let job = self.job(handler, origin, delivery, admission);
+        // A handler a reload moved to another tenant, or lanes whose
+        // runtime is going away: a task of its own on the right threads.
+        let rejected = if lanes.serve(&tenant) { lanes.submit(job).err() } else { Some(job) };
+        if let Some(job) = rejected {
+            tenant.spawn(&self.invocations, job);
+        }
+    }
+
+    /// The whole of one invocation as a future: span, invocation, and the
+    /// cut-off at the shutdown deadline. Boxed: the invocation's state
+    /// (wasmtime's call futures included) is kilobytes, and moving it
+    /// unboxed into a queue or a task would copy all of it.
+    fn job(
         &self,
         handler: Arc<LoadedHandler>,
         origin: Arc<Origin>,
         delivery: Delivery,
         mut admission: Admission,
-    ) {
+    ) -> Job {
         let this = self.clone();
-        let tenant = handler.tenant.clone();
-        tenant.spawn(&self.invocations, async move {
+        // Counts as a task of the tracker, so shutdown waits for (and
+        // counts) invocations, wherever they run.
+        let tracked = self.invocations.token();
+        Box::pin(async move {
             let span = match &delivery {
                 Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(),
                 Delivery::JetStream(received, _) => {
@@ -501,11 +529,11 @@ impl Dispatcher {
                     s.start()
                 }
             };
-            // Boxed: the invocation's state (wasmtime's call futures
-            // included) is kilobytes, and the task would otherwise copy all
-            // of it at every move on the way into the scheduler.
-            let run = Box::pin(invoke(&this, &handler, delivery, &span, &mut admission));
+            let run = invoke(&this, &handler, delivery, &span, &mut admission);
             tokio::select! {
+                // The invocation first: most finish in their first poll,
+                // without ever registering with the cancellation token.
+                biased;
                 () = run.instrument(span.clone()) => {}
                 () = this.abandon.cancelled() => {
                     span::record_abandoned(&span);
@@ -514,6 +542,7 @@ impl Dispatcher {
                 }
             }
             drop(admission);
-        });
+            drop(tracked);
+        })
     }
 }

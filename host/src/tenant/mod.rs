@@ -224,15 +224,20 @@ impl Tenant {
         &self.id
     }
 
-    /// Runs an invocation on the tenant's threads (or the host's), tracked
-    /// by `tracker` so shutdown can wait for it.
+    /// The runtime of the tenant's own guest threads, when it has them.
+    pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().and_then(|t| t.0.as_ref()).map(|rt| rt.handle().clone())
+    }
+
+    /// Runs an invocation in a task of its own on the tenant's threads (or
+    /// the host's), tracked by `tracker` so shutdown can wait for it.
     pub(crate) fn spawn(
         &self,
         tracker: &tokio_util::task::TaskTracker,
         task: impl Future<Output = ()> + Send + 'static,
     ) {
-        match self.runtime.as_ref().and_then(|t| t.0.as_ref()) {
-            Some(rt) => drop(tracker.spawn_on(task, rt.handle())),
+        match self.runtime() {
+            Some(rt) => drop(tracker.spawn_on(task, &rt)),
             None => drop(tracker.spawn(task)),
         }
     }

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, JetStreamDelivery, Origin};
+use crate::dispatch::{Delivery, Dispatcher, JetStreamDelivery, Lanes, Origin};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
 use crate::registry::HandlerSlot;
 
@@ -137,6 +137,10 @@ async fn pull_loop(
     shutdown: CancellationToken,
 ) {
     let label = format!("{}/{}", trigger.stream, trigger.durable);
+    let lanes = {
+        let handler = slot.current();
+        Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)
+    };
     let mut retry = RETRY_FIRST;
     'pull: loop {
         // Versions swapped by a reload share their permits, so the permits of
@@ -201,7 +205,8 @@ async fn pull_loop(
                         a = dispatcher.admit_reserved(&handler, permit) => a,
                         () = dispatcher.abandon.cancelled() => break 'pull,
                     };
-                    dispatcher.spawn(
+                    dispatcher.start(
+                        &lanes,
                         handler,
                         origin.clone(),
                         Delivery::JetStream(JetStreamDelivery::new(msg), trigger.clone()),

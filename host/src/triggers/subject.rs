@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, Origin};
+use crate::dispatch::{Delivery, Dispatcher, Lanes, Origin};
 use crate::manifest::QueueGroup;
 use crate::registry::HandlerSlot;
 use crate::subject::SubjectPattern;
@@ -36,6 +36,10 @@ pub(super) async fn bind(
     let origin = Arc::new(Origin::subject(label.clone(), queue.map(|q| q.to_string())));
 
     Ok(tokio::spawn(async move {
+        let lanes = {
+            let handler = slot.current();
+            Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)
+        };
         let mut draining = false;
         loop {
             let next = tokio::select! {
@@ -58,7 +62,7 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.spawn(handler, origin.clone(), Delivery::Core(msg), admission);
+            dispatcher.start(&lanes, handler, origin.clone(), Delivery::Core(msg), admission);
         }
         tracing::debug!(handler = %slot.current().manifest.name, subject = %label, "trigger stopped");
     }))

@@ -1,0 +1,208 @@
+//! Lanes: the long-lived tasks a trigger's invocations run in.
+//!
+//! Spawning a task per message cost more than a trivial guest itself: a task
+//! allocation, and usually a futex wake-up of an idle worker thread that
+//! then finds nothing it may steal and parks again (about 6 µs per message
+//! on the 2-core benchmark machine). A trigger instead owns a few lanes, one
+//! per thread its tenant's guests run on, and hands each admitted message to
+//! the least busy lane. A lane runs its invocations concurrently in one
+//! task (`FuturesUnordered`), so a guest waiting in a host call does not hold
+//! the others up, and a busy lane takes new work from its queue without
+//! anyone being woken. Parallelism across cores comes from having one lane
+//! per thread.
+//!
+//! What a lane gives up against a task per message: an invocation cannot
+//! move to another thread once its lane has it. A CPU-bound guest therefore
+//! delays the other invocations in its lane until it yields at the next
+//! epoch tick; new messages go to the other lanes meanwhile.
+//!
+//! Admission (the concurrency permits) happens before a message reaches a
+//! lane, so queues never hold more than the permits allow. Each job carries
+//! a token of the dispatcher's task tracker, so shutdown still waits for, and
+//! counts, invocations rather than lanes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::tenant::Tenant;
+
+/// One invocation, ready to run (already admitted).
+pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The lanes of one trigger. Dropping them lets each lane finish what it
+/// holds and end.
+pub(crate) struct Lanes {
+    /// The tenant whose threads the lanes run on.
+    tenant: Arc<Tenant>,
+    lanes: Vec<Lane>,
+}
+
+struct Lane {
+    queue: mpsc::UnboundedSender<Job>,
+    /// Jobs queued or running in the lane.
+    load: Arc<AtomicUsize>,
+}
+
+impl Lanes {
+    /// Starts lanes on `tenant`'s guest threads (the host's when it has
+    /// none): one per thread, but no more than `max_concurrency`, since more
+    /// lanes than invocations in flight would only sit idle.
+    pub(crate) fn start(tenant: Arc<Tenant>, max_concurrency: u32) -> Lanes {
+        let runtime = tenant.runtime().unwrap_or_else(tokio::runtime::Handle::current);
+        let threads = runtime.metrics().num_workers();
+        let count = threads.min(max_concurrency as usize).max(1);
+        let lanes = (0..count)
+            .map(|_| {
+                let (queue, jobs) = mpsc::unbounded_channel();
+                let load = Arc::new(AtomicUsize::new(0));
+                runtime.spawn(run(jobs, load.clone()));
+                Lane { queue, load }
+            })
+            .collect();
+        Lanes { tenant, lanes }
+    }
+
+    /// Whether these lanes run on `tenant`'s threads. A handler that moved
+    /// to another tenant in a reload must not run on its old tenant's.
+    pub(crate) fn serve(&self, tenant: &Arc<Tenant>) -> bool {
+        Arc::ptr_eq(&self.tenant, tenant)
+    }
+
+    /// Hands `job` to the lane with the least work. Returns the job when
+    /// every lane has ended (only when its runtime is shutting down).
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+        let Some(lane) = self.lanes.iter().min_by_key(|l| l.load.load(Ordering::Relaxed)) else {
+            return Err(job);
+        };
+        lane.load.fetch_add(1, Ordering::Relaxed);
+        lane.queue.send(job).map_err(|e| {
+            lane.load.fetch_sub(1, Ordering::Relaxed);
+            e.0
+        })
+    }
+}
+
+/// A lane's task: runs what arrives on `jobs` until the queue is closed and
+/// everything taken from it has finished.
+async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    std::future::poll_fn(|cx| loop {
+        // Take everything queued first, so a message that arrived while the
+        // lane was busy starts in this same turn.
+        while open {
+            match jobs.poll_recv(cx) {
+                Poll::Ready(Some(job)) => running.push(job),
+                Poll::Ready(None) => open = false,
+                Poll::Pending => break,
+            }
+        }
+        // FuturesUnordered yields back to the runtime on its own after a
+        // run of ready futures, so this loop cannot starve other tasks.
+        match running.poll_next_unpin(cx) {
+            Poll::Ready(Some(())) => {
+                load.fetch_sub(1, Ordering::Relaxed);
+            }
+            Poll::Ready(None) if !open => return Poll::Ready(()),
+            // Empty: the queue's waker is registered by the poll above.
+            Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::manifest::TenantId;
+    use crate::tenant::config::TenantLimits;
+
+    /// A tenant for lanes to run on. Lanes never touch its connection, so
+    /// the client is one that keeps trying a port nothing listens on.
+    async fn tenant() -> Arc<Tenant> {
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .expect("a client that connects in the background");
+        Arc::new(Tenant::on_connection(TenantId::default(), nats, TenantLimits::default()))
+    }
+
+    /// A job that records that it started, then waits for `release`.
+    fn waiting(started: &Arc<AtomicUsize>, finished: &Arc<AtomicUsize>, release: oneshot::Receiver<()>) -> Job {
+        let (started, finished) = (started.clone(), finished.clone());
+        Box::pin(async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = release.await;
+            finished.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !what() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("condition reached within 5 s");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_spread_over_lanes_and_wait_together_in_one() {
+        let tenant = tenant().await;
+        let lanes = Lanes::start(tenant.clone(), 64);
+        assert_eq!(lanes.lanes.len(), 2, "one lane per worker thread");
+        assert!(lanes.serve(&tenant));
+
+        let (started, finished) = (Arc::default(), Arc::default());
+        let mut releases = Vec::new();
+        for _ in 0..5 {
+            let (release, wait) = oneshot::channel();
+            releases.push(release);
+            assert!(lanes.submit(waiting(&started, &finished, wait)).is_ok());
+        }
+        // Five jobs all waiting at once on two lanes: a waiting job does
+        // not hold its lane, and the least busy lane takes the next job.
+        until(|| started.load(Ordering::SeqCst) == 5).await;
+        let loads: Vec<usize> = lanes.lanes.iter().map(|l| l.load.load(Ordering::SeqCst)).collect();
+        assert_eq!(loads.iter().sum::<usize>(), 5);
+        assert!(loads.iter().all(|&l| l >= 2), "jobs spread over the lanes: {loads:?}");
+
+        for release in releases {
+            let _ = release.send(());
+        }
+        until(|| finished.load(Ordering::SeqCst) == 5).await;
+        until(|| lanes.lanes.iter().all(|l| l.load.load(Ordering::SeqCst) == 0)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_lanes_finish_what_they_hold() {
+        let lanes = Lanes::start(tenant().await, 1);
+        assert_eq!(lanes.lanes.len(), 1, "no more lanes than max_concurrency");
+        let (started, finished) = (Arc::default(), Arc::default());
+        let (release, wait) = oneshot::channel();
+        assert!(lanes.submit(waiting(&started, &finished, wait)).is_ok());
+        until(|| started.load(Ordering::SeqCst) == 1).await;
+        drop(lanes);
+        let _ = release.send(());
+        until(|| finished.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lanes_serve_only_their_tenant() {
+        let lanes = Lanes::start(tenant().await, 4);
+        assert!(!lanes.serve(&tenant().await));
+    }
+}
