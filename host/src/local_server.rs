@@ -7,6 +7,12 @@
 //! store in a temporary directory unless one is given (tests that restart a
 //! server pass the same directory and port again). The process is killed and
 //! the temporary store removed when the [`NatsServer`] is dropped.
+//!
+//! On Linux the server also goes when natsfn dies without dropping it
+//! (SIGKILL, abort, a crash): it is started with a parent-death signal, so
+//! no orphan keeps the port and the store. The kernel sends that signal when
+//! the *thread* that started the child ends, so the child is started from a
+//! keeper thread that lives exactly as long as the [`NatsServer`].
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -109,14 +115,15 @@ impl NatsServerBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| LocalServerError::Spawn { binary: binary.clone(), source })?;
+        let (mut child, keeper) =
+            spawn_kept(cmd).map_err(|source| LocalServerError::Spawn { binary: binary.clone(), source })?;
 
         let port = match child.stderr.take() {
             Some(stderr) => wait_for_port(stderr),
             None => Err(String::from("no stderr")),
         };
         match port {
-            Ok(port) => Ok(NatsServer { child, port, store_dir, _temp: temp }),
+            Ok(port) => Ok(NatsServer { child, port, store_dir, _temp: temp, _keeper: keeper }),
             Err(log) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -133,6 +140,8 @@ pub struct NatsServer {
     port: u16,
     store_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// Ends the keeper thread when dropped (after the child is killed).
+    _keeper: mpsc::Sender<()>,
 }
 
 impl NatsServer {
@@ -173,6 +182,47 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// Starts `cmd` from a keeper thread that then waits until the returned
+/// sender is dropped. On Linux the child gets SIGTERM (a clean JetStream
+/// shutdown) when that thread ends, which happens at the latest when this
+/// process dies.
+fn spawn_kept(mut cmd: Command) -> std::io::Result<(Child, mpsc::Sender<()>)> {
+    let (spawned_tx, spawned_rx) = mpsc::channel();
+    let (keep_tx, keep_rx) = mpsc::channel::<()>();
+    std::thread::Builder::new().name("natsfn-nats-keeper".into()).spawn(move || {
+        set_parent_death_signal(&mut cmd);
+        let _ = spawned_tx.send(cmd.spawn());
+        // Returns when the NatsServer drops its sender.
+        let _ = keep_rx.recv();
+    })?;
+    let child = spawned_rx.recv().map_err(|_| std::io::Error::other("the keeper thread ended before spawning"))??;
+    Ok((child, keep_tx))
+}
+
+#[cfg(target_os = "linux")]
+fn set_parent_death_signal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid) and `_exit`.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then the
+            // signal will never come, so do not start at all.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_cmd: &mut Command) {}
 
 fn find_binary() -> Result<PathBuf, LocalServerError> {
     if let Some(path) = std::env::var_os(NATS_SERVER_BIN) {

@@ -2,6 +2,7 @@
 //! lines in the host log, graceful shutdown on SIGTERM, and clear errors.
 
 use std::process::Command;
+use std::time::Duration;
 
 use natsfn_e2e::{NatsfnProcess as Natsfn, *};
 
@@ -40,6 +41,32 @@ async fn without_nats_flag_it_starts_and_stops_its_own_server() {
         std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
         "the local nats-server is stopped with the host"
     );
+}
+
+/// A host killed without warning (SIGKILL, as the OOM killer would) leaves
+/// no nats-server behind holding the port and the store.
+#[tokio::test]
+#[cfg(target_os = "linux")]
+async fn a_killed_host_takes_its_own_server_with_it() {
+    let dir = quickstart_like_dir();
+    let mut natsfn = Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap()], &[]);
+    let line = natsfn.wait_for(&["started local nats-server at nats://127.0.0.1:"]);
+    let url = line.split(" at ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    natsfn.wait_for(&["natsfn: ready"]);
+    let client = async_nats::connect(&url).await.unwrap();
+    assert_eq!(text(&request(&client, "cli.greet", "doomed").await), "Hi, doomed!");
+    drop(client);
+
+    natsfn.kill9();
+    let port = url.rsplit(':').next().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server still listens on {port} 10 s after natsfn was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[tokio::test]
