@@ -22,21 +22,27 @@ fn quickstart_like_dir() -> HandlerDir {
     dir
 }
 
-#[tokio::test]
-async fn without_nats_flag_it_starts_and_stops_its_own_server() {
-    let dir = quickstart_like_dir();
+/// Runs `natsfn run` without `--nats` on `dir` and waits until it serves;
+/// returns the process and the port of the server it started, after one
+/// request answered through that server.
+async fn run_with_own_server(dir: &HandlerDir, name: &str) -> (Natsfn, String) {
     let mut natsfn = Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap()], &[]);
     let line = natsfn.wait_for(&["started local nats-server at nats://127.0.0.1:"]);
     let url = line.split(" at ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
     natsfn.wait_for(&["natsfn: ready"]);
-
     let client = async_nats::connect(&url).await.unwrap();
-    assert_eq!(text(&request(&client, "cli.greet", "local").await), "Hi, local!");
+    assert_eq!(text(&request(&client, "cli.greet", name).await), format!("Hi, {name}!"));
     drop(client);
+    let port = url.rsplit(':').next().unwrap().to_owned();
+    (natsfn, port)
+}
 
+#[tokio::test]
+async fn without_nats_flag_it_starts_and_stops_its_own_server() {
+    let dir = quickstart_like_dir();
+    let (mut natsfn, port) = run_with_own_server(&dir, "local").await;
     natsfn.signal("-INT");
     assert_eq!(natsfn.wait_exit(), 0);
-    let port = url.rsplit(':').next().unwrap();
     assert!(
         std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
         "the local nats-server is stopped with the host"
@@ -49,16 +55,8 @@ async fn without_nats_flag_it_starts_and_stops_its_own_server() {
 #[cfg(target_os = "linux")]
 async fn a_killed_host_takes_its_own_server_with_it() {
     let dir = quickstart_like_dir();
-    let mut natsfn = Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap()], &[]);
-    let line = natsfn.wait_for(&["started local nats-server at nats://127.0.0.1:"]);
-    let url = line.split(" at ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
-    natsfn.wait_for(&["natsfn: ready"]);
-    let client = async_nats::connect(&url).await.unwrap();
-    assert_eq!(text(&request(&client, "cli.greet", "doomed").await), "Hi, doomed!");
-    drop(client);
-
+    let (mut natsfn, port) = run_with_own_server(&dir, "doomed").await;
     natsfn.kill9();
-    let port = url.rsplit(':').next().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok() {
         assert!(
