@@ -22,13 +22,14 @@
 //! counts, invocations rather than lanes.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::tenant::Tenant;
@@ -99,7 +100,11 @@ async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
         // lane was busy starts in this same turn.
         while open {
             match jobs.poll_recv(cx) {
-                Poll::Ready(Some(job)) => running.push(job),
+                // A panic in one invocation (a host bug: guest traps are
+                // errors, not panics) must not take the lane's other
+                // invocations down with it, as it would not have with a
+                // task per message.
+                Poll::Ready(Some(job)) => running.push(AssertUnwindSafe(job).catch_unwind()),
                 Poll::Ready(None) => open = false,
                 Poll::Pending => break,
             }
@@ -107,8 +112,11 @@ async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
         // FuturesUnordered yields back to the runtime on its own after a
         // run of ready futures, so this loop cannot starve other tasks.
         match running.poll_next_unpin(cx) {
-            Poll::Ready(Some(())) => {
+            Poll::Ready(Some(result)) => {
                 load.fetch_sub(1, Ordering::Relaxed);
+                if result.is_err() {
+                    tracing::error!("an invocation panicked; the others in its lane go on");
+                }
             }
             Poll::Ready(None) if !open => return Poll::Ready(()),
             // Empty: the queue's waker is registered by the poll above.
@@ -198,6 +206,24 @@ mod tests {
         drop(lanes);
         let _ = release.send(());
         until(|| finished.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_job_leaves_its_lane_and_neighbours_running() {
+        let lanes = Lanes::start(tenant().await, 1);
+        let (started, finished) = (Arc::default(), Arc::default());
+        let (release, wait) = oneshot::channel();
+        assert!(lanes.submit(waiting(&started, &finished, wait)).is_ok());
+        until(|| started.load(Ordering::SeqCst) == 1).await;
+        assert!(lanes.submit(Box::pin(async { panic!("a host bug") })).is_ok());
+        // The waiting neighbour survives the panic, and the lane takes more.
+        let (release2, wait2) = oneshot::channel();
+        assert!(lanes.submit(waiting(&started, &finished, wait2)).is_ok());
+        until(|| started.load(Ordering::SeqCst) == 2).await;
+        let _ = release.send(());
+        let _ = release2.send(());
+        until(|| finished.load(Ordering::SeqCst) == 2).await;
+        until(|| lanes.lanes[0].load.load(Ordering::SeqCst) == 0).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
