@@ -10,7 +10,8 @@
 //! the on/off ratio; nothing is asserted.
 //!
 //! `NATSFN_BENCH_N` sets N (default 20000); `NATSFN_BENCH_WORKLOAD=request`
-//! or `publish` runs one workload only.
+//! or `publish` runs one workload only; `NATSFN_BENCH_PROTOCOL=http/protobuf`
+//! exports over OTLP/HTTP instead of gRPC.
 
 use std::time::{Duration, Instant};
 
@@ -42,9 +43,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("receiver runtime");
-    let receiver = collector.block_on(OtlpReceiver::counting(Protocol::Grpc));
+    let protocol = match std::env::var("NATSFN_BENCH_PROTOCOL").as_deref() {
+        Ok("http/protobuf") => Protocol::HttpProtobuf,
+        _ => Protocol::Grpc,
+    };
+    let receiver = collector.block_on(OtlpReceiver::counting(protocol));
     let pipeline = Otlp::new()
-        .protocol(Protocol::Grpc)
+        .protocol(protocol)
         .endpoint(receiver.endpoint())
         .sampler(Sampler::AlwaysOn)
         .build()
