@@ -481,7 +481,7 @@ impl Dispatcher {
     /// holding `admission` until it ends. `origin` is what the trigger
     /// knows about the message's source, for the invocation's span.
     pub(crate) fn start(
-        &self,
+        self: &Arc<Self>,
         lanes: &lanes::Lanes,
         handler: Arc<LoadedHandler>,
         origin: Arc<Origin>,
@@ -503,13 +503,16 @@ impl Dispatcher {
     /// (wasmtime's call futures included) is kilobytes, and moving it
     /// unboxed into a queue or a task would copy all of it.
     fn job(
-        &self,
+        self: &Arc<Self>,
         handler: Arc<LoadedHandler>,
         origin: Arc<Origin>,
         delivery: Delivery,
         mut admission: Admission,
     ) -> Job {
-        let this = self.clone();
+        // One reference count, not a clone of every field: cloning the
+        // cancellation token takes a lock, and the engine's cache path
+        // would be copied, for every message.
+        let this = Arc::clone(self);
         // Counts as a task of the tracker, so shutdown waits for (and
         // counts) invocations, wherever they run.
         let tracked = self.invocations.token();

@@ -137,6 +137,7 @@ async fn pull_loop(
     shutdown: CancellationToken,
 ) {
     let label = format!("{}/{}", trigger.stream, trigger.durable);
+    let dispatcher = Arc::new(dispatcher);
     let lanes = {
         let handler = slot.current();
         Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)

@@ -36,6 +36,7 @@ pub(super) async fn bind(
     let origin = Arc::new(Origin::subject(label.clone(), queue.map(|q| q.to_string())));
 
     Ok(tokio::spawn(async move {
+        let dispatcher = Arc::new(dispatcher);
         let lanes = {
             let handler = slot.current();
             Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)
