@@ -1,15 +1,17 @@
 //! Lanes: the long-lived tasks a trigger's invocations run in.
 //!
-//! Spawning a task per message cost more than a trivial guest itself: a task
-//! allocation, and usually a futex wake-up of an idle worker thread that
-//! then finds nothing it may steal and parks again (about 6 µs per message
-//! on the 2-core benchmark machine). A trigger instead owns a few lanes, one
-//! per thread its tenant's guests run on, and hands each admitted message to
-//! the least busy lane. A lane runs its invocations concurrently in one
-//! task (`FuturesUnordered`), so a guest waiting in a host call does not hold
-//! the others up, and a busy lane takes new work from its queue without
+//! A trigger owns a few lanes, one per thread its tenant's guests run on,
+//! and hands each admitted message to the least busy lane, instead of
+//! spawning a task per message. A lane runs its invocations concurrently in
+//! one task (`FuturesUnordered`), so a guest waiting in a host call does not
+//! hold the others up, and a busy lane takes new work from its queue without
 //! anyone being woken. Parallelism across cores comes from having one lane
 //! per thread.
+//!
+//! Where workers park between messages (many concurrent requesters, JetStream
+//! pulls) this saved 12-15 % of the CPU per message against a task per
+//! message; with both cores saturated by core-sub it made no measurable
+//! difference (BENCHMARKS.md).
 //!
 //! What a lane gives up against a task per message: an invocation cannot
 //! move to another thread once its lane has it. A CPU-bound guest therefore
@@ -32,6 +34,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
+use super::LoadedHandler;
 use crate::tenant::Tenant;
 
 /// One invocation, ready to run (already admitted).
@@ -40,8 +43,6 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The lanes of one trigger. Dropping them lets each lane finish what it
 /// holds and end.
 pub(crate) struct Lanes {
-    /// The tenant whose threads the lanes run on.
-    tenant: Arc<Tenant>,
     lanes: Vec<Lane>,
 }
 
@@ -52,10 +53,17 @@ struct Lane {
 }
 
 impl Lanes {
+    /// Starts the lanes for `handler`'s trigger. A handler keeps its tenant
+    /// across reloads (a different tenant is a different handler), so these
+    /// lanes stay on the right threads for every version.
+    pub(crate) fn for_handler(handler: &LoadedHandler) -> Lanes {
+        Lanes::start(&handler.tenant, handler.manifest.limits.max_concurrency)
+    }
+
     /// Starts lanes on `tenant`'s guest threads (the host's when it has
     /// none): one per thread, but no more than `max_concurrency`, since more
     /// lanes than invocations in flight would only sit idle.
-    pub(crate) fn start(tenant: Arc<Tenant>, max_concurrency: u32) -> Lanes {
+    fn start(tenant: &Tenant, max_concurrency: u32) -> Lanes {
         let runtime = tenant.runtime().unwrap_or_else(tokio::runtime::Handle::current);
         let threads = runtime.metrics().num_workers();
         let count = threads.min(max_concurrency as usize).max(1);
@@ -67,13 +75,7 @@ impl Lanes {
                 Lane { queue, load }
             })
             .collect();
-        Lanes { tenant, lanes }
-    }
-
-    /// Whether these lanes run on `tenant`'s threads. A handler that moved
-    /// to another tenant in a reload must not run on its old tenant's.
-    pub(crate) fn serve(&self, tenant: &Arc<Tenant>) -> bool {
-        Arc::ptr_eq(&self.tenant, tenant)
+        Lanes { lanes }
     }
 
     /// Hands `job` to the lane with the least work. Returns the job when
@@ -138,13 +140,13 @@ mod tests {
 
     /// A tenant for lanes to run on. Lanes never touch its connection, so
     /// the client is one that keeps trying a port nothing listens on.
-    async fn tenant() -> Arc<Tenant> {
+    async fn tenant() -> Tenant {
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect("nats://127.0.0.1:1")
             .await
             .expect("a client that connects in the background");
-        Arc::new(Tenant::on_connection(TenantId::default(), nats, TenantLimits::default()))
+        Tenant::on_connection(TenantId::default(), nats, TenantLimits::default())
     }
 
     /// A job that records that it started, then waits for `release`.
@@ -169,10 +171,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_spread_over_lanes_and_wait_together_in_one() {
-        let tenant = tenant().await;
-        let lanes = Lanes::start(tenant.clone(), 64);
+        let lanes = Lanes::start(&tenant().await, 64);
         assert_eq!(lanes.lanes.len(), 2, "one lane per worker thread");
-        assert!(lanes.serve(&tenant));
 
         let (started, finished) = (Arc::default(), Arc::default());
         let mut releases = Vec::new();
@@ -197,7 +197,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_lanes_finish_what_they_hold() {
-        let lanes = Lanes::start(tenant().await, 1);
+        let lanes = Lanes::start(&tenant().await, 1);
         assert_eq!(lanes.lanes.len(), 1, "no more lanes than max_concurrency");
         let (started, finished) = (Arc::default(), Arc::default());
         let (release, wait) = oneshot::channel();
@@ -210,7 +210,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_leaves_its_lane_and_neighbours_running() {
-        let lanes = Lanes::start(tenant().await, 1);
+        let lanes = Lanes::start(&tenant().await, 1);
         let (started, finished) = (Arc::default(), Arc::default());
         let (release, wait) = oneshot::channel();
         assert!(lanes.submit(waiting(&started, &finished, wait)).is_ok());
@@ -224,11 +224,5 @@ mod tests {
         let _ = release2.send(());
         until(|| finished.load(Ordering::SeqCst) == 2).await;
         until(|| lanes.lanes[0].load.load(Ordering::SeqCst) == 0).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lanes_serve_only_their_tenant() {
-        let lanes = Lanes::start(tenant().await, 4);
-        assert!(!lanes.serve(&tenant().await));
     }
 }

@@ -490,10 +490,9 @@ impl Dispatcher {
     ) {
         let tenant = handler.tenant.clone();
         let job = self.job(handler, origin, delivery, admission);
-        // A handler a reload moved to another tenant, or lanes whose
-        // runtime is going away: a task of its own on the right threads.
-        let rejected = if lanes.serve(&tenant) { lanes.submit(job).err() } else { Some(job) };
-        if let Some(job) = rejected {
+        // Lanes end only with their runtime; should that be under way, the
+        // admitted message still runs, in a task of its own.
+        if let Err(job) = lanes.submit(job) {
             tenant.spawn(&self.invocations, job);
         }
     }

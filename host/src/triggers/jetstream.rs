@@ -138,10 +138,7 @@ async fn pull_loop(
 ) {
     let label = format!("{}/{}", trigger.stream, trigger.durable);
     let dispatcher = Arc::new(dispatcher);
-    let lanes = {
-        let handler = slot.current();
-        Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)
-    };
+    let lanes = Lanes::for_handler(&slot.current());
     let mut retry = RETRY_FIRST;
     'pull: loop {
         // Versions swapped by a reload share their permits, so the permits of

@@ -37,10 +37,7 @@ pub(super) async fn bind(
 
     Ok(tokio::spawn(async move {
         let dispatcher = Arc::new(dispatcher);
-        let lanes = {
-            let handler = slot.current();
-            Lanes::start(handler.tenant.clone(), handler.manifest.limits.max_concurrency)
-        };
+        let lanes = Lanes::for_handler(&slot.current());
         let mut draining = false;
         loop {
             let next = tokio::select! {
