@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::buckets::{BucketKind, BucketSpec};
 use crate::local_server::NatsServer;
-use crate::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError};
+use crate::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError, Tracer};
 use crate::{Host, HostConfig};
 
 /// Run sandboxed WebAssembly handlers on NATS subjects.
@@ -269,7 +269,7 @@ impl Cli {
         };
         // A benchmark's output is its table: only warnings interrupt it.
         let default_filter = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
-        crate::telemetry::init(default_filter, otlp.as_ref());
+        crate::telemetry::init(default_filter);
         if let Some(p) = &otlp {
             println!("natsfn: tracing on, exporting spans over OTLP {}", p.protocol());
         }
@@ -280,9 +280,10 @@ impl Cli {
                 return ExitCode::from(2);
             }
         };
+        let tracer = otlp.as_ref().map(OtlpPipeline::tracer);
         let code = match cli.command {
-            Command::Run(args) => runtime.block_on(run(args)),
-            Command::Dev(args) => runtime.block_on(run(RunArgs { watch: true, ..args })),
+            Command::Run(args) => runtime.block_on(run(args, tracer)),
+            Command::Dev(args) => runtime.block_on(run(RunArgs { watch: true, ..args }, tracer)),
             Command::Validate(dirs) => runtime.block_on(validate(dirs)),
             Command::Request(args) => runtime.block_on(send(args, true)),
             Command::Publish(args) => runtime.block_on(send(args, false)),
@@ -297,7 +298,7 @@ impl Cli {
     }
 }
 
-async fn run(args: RunArgs) -> ExitCode {
+async fn run(args: RunArgs, tracer: Option<Tracer>) -> ExitCode {
     let config = match args.config.as_deref().map(HostConfig::load).transpose() {
         Ok(c) => c,
         Err(e) => {
@@ -322,6 +323,9 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 
     let mut builder = Host::builder();
+    if let Some(tracer) = tracer {
+        builder = builder.tracer(tracer);
+    }
     if let Some(config) = config {
         builder = builder.config(config);
     }

@@ -24,6 +24,7 @@ use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
 use crate::registry::{Binding, HandlerSlot};
 use crate::reload::{Entry, HandlerKey, Registry, ReloadError, ReloadReport, Reloader};
+use crate::telemetry::Tracer;
 use crate::tenant::config::{HostConfig, TenantConfig};
 use crate::tenant::{Tenant, TenantError, TenantStats, Tenants, UnknownTenant};
 use crate::triggers::TriggerError;
@@ -176,6 +177,7 @@ pub struct HostBuilder {
     cache_dir: Option<PathBuf>,
     tenants: Vec<TenantConfig>,
     fuel: bool,
+    tracer: Option<Tracer>,
 }
 
 impl HostBuilder {
@@ -288,6 +290,15 @@ impl HostBuilder {
         self
     }
 
+    /// Traces every invocation and host call with `tracer` (an
+    /// [`OtlpPipeline`](crate::telemetry::OtlpPipeline)'s, or one made from
+    /// an embedder's own provider). Without one the host makes no spans and
+    /// leaves trace headers alone.
+    pub fn tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = Some(tracer);
+        self
+    }
+
     /// Connects, then loads and compiles every handler. Handlers that fail
     /// to load are listed in [`Host::load_errors`] (and logged); only a
     /// problem that affects every handler is an error here.
@@ -362,6 +373,7 @@ impl HostBuilder {
             create_streams: self.create_streams,
             dirs: self.dirs,
             fingerprints,
+            tracer: self.tracer,
         })
     }
 }
@@ -538,6 +550,7 @@ pub struct Host {
     dirs: Vec<PathBuf>,
     /// Fingerprints of the handlers loaded from files, for reload.
     fingerprints: HashMap<HandlerKey, String>,
+    tracer: Option<Tracer>,
 }
 
 /// What the host knows about one loaded handler.
@@ -571,6 +584,7 @@ impl Host {
             cache_dir: None,
             tenants: Vec::new(),
             fuel: false,
+            tracer: None,
         }
     }
 
@@ -600,6 +614,7 @@ impl Host {
             instance_permits: Arc::new(tokio::sync::Semaphore::new(self.max_instances as usize)),
             invocations: TaskTracker::new(),
             abandon: CancellationToken::new(),
+            tracer: self.tracer,
         };
         // A handler whose trigger cannot be bound (a missing stream, say)
         // is reported and left out; the others serve regardless.

@@ -2,12 +2,14 @@
 //! `cargo bench -p natsfn-e2e --bench tracing`.
 //!
 //! A trivial echo handler serves N messages, three times per mode, alternating
-//! off/on so drift on a shared machine hits both. "Off" runs with no
-//! subscriber at all (natsfn's spans are disabled at their call sites); "on"
-//! samples 100% and exports over OTLP/gRPC to a receiver in this process.
-//! Two workloads: request/reply with 64 requests in flight, and publish-only
-//! (the handler's own throughput, replies not involved). Prints msgs/s and
-//! the on/off ratio; nothing is asserted.
+//! off/on so drift on a shared machine hits both. "Off" runs a host with no
+//! tracer (it makes no spans at all); "on" samples 100% and exports over
+//! OTLP/gRPC to a receiver in this process. Two workloads: request/reply with
+//! 64 requests in flight, and publish-only (the handler's own throughput,
+//! replies not involved). Prints msgs/s, the on/off ratio, and the process's
+//! CPU time per message (an "on" run is charged until its spans are
+//! exported), with the receiver's share given apart, since a real collector
+//! would not run on the host's cores; nothing is asserted.
 //!
 //! `NATSFN_BENCH_N` sets N (default 20000); `NATSFN_BENCH_WORKLOAD=request`
 //! or `publish` runs one workload only; `NATSFN_BENCH_PROTOCOL=http/protobuf`
@@ -16,6 +18,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use natsfn::bench::process_cpu;
 use natsfn::telemetry::{Otlp, OtlpPipeline, Protocol, Sampler};
 use natsfn_e2e::otlp::OtlpReceiver;
 use natsfn_e2e::*;
@@ -39,7 +42,7 @@ fn main() {
     // Named threads, so a profiler can tell the receiver's share apart.
     let collector = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("otlp-receiver")
+        .thread_name(RECEIVER_THREAD)
         .enable_all()
         .build()
         .expect("receiver runtime");
@@ -64,14 +67,19 @@ fn main() {
     for workload in workloads {
         let mut off = Vec::new();
         let mut on = Vec::new();
+        let mut cpu = [Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
             for traced in [false, true] {
-                let rate = run(&server, &dir, traced.then_some(&pipeline), workload, n);
+                let run = run(&server, &dir, traced.then_some(&pipeline), workload, n);
                 println!(
-                    "  {workload:?} round {round} tracing {}: {rate:>8.0} msgs/s",
-                    if traced { "on " } else { "off" }
+                    "  {workload:?} round {round} tracing {}: {:>8.0} msgs/s, CPU {:.1} µs/msg ({:.1} of it the receiver)",
+                    if traced { "on " } else { "off" },
+                    run.rate,
+                    run.cpu_us,
+                    run.receiver_us,
                 );
-                if traced { &mut on } else { &mut off }.push(rate);
+                if traced { &mut on } else { &mut off }.push(run.rate);
+                cpu[usize::from(traced)].push(run.cpu_us - run.receiver_us);
             }
         }
         let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
@@ -87,6 +95,13 @@ fn main() {
             best_on / best_off,
             median_on / median_off,
         );
+        let (cpu_off, cpu_on) = (median(&mut cpu[0]), median(&mut cpu[1]));
+        println!(
+            "{workload:?}: median CPU without the receiver: off {cpu_off:.1} / on {cpu_on:.1} µs/msg, \
+             tracing costs {:.1} µs/msg ({:.0} %)",
+            cpu_on - cpu_off,
+            (cpu_on - cpu_off) / cpu_on * 100.0,
+        );
     }
     pipeline.force_flush();
     let stats = pipeline.stats();
@@ -95,16 +110,29 @@ fn main() {
     drop(collector);
 }
 
+/// What one run measured.
+struct Run {
+    rate: f64,
+    /// CPU time of the whole process per message.
+    cpu_us: f64,
+    /// The part of `cpu_us` spent on the receiver's thread.
+    receiver_us: f64,
+}
+
 /// Serves `n` messages of `workload` on a fresh host and runtime traced by
-/// `pipeline` (or by nothing), and returns messages per second.
-fn run(server: &NatsServer, dir: &HandlerDir, pipeline: Option<&OtlpPipeline>, workload: Workload, n: usize) -> f64 {
-    let rt = runtime_with(pipeline.map(otlp_dispatch));
-    rt.block_on(async {
-        let host = start_host(server, dir).await;
+/// `pipeline` (or by nothing).
+fn run(server: &NatsServer, dir: &HandlerDir, pipeline: Option<&OtlpPipeline>, workload: Workload, n: usize) -> Run {
+    let rt = runtime();
+    let (rate, cpu, receiver) = rt.block_on(async {
+        let host = start_traced_host(server, dir, pipeline.map(OtlpPipeline::tracer)).await;
         let client = client(server).await;
         // Warm-up: first instantiations, connection buffers.
         requests(&client, 500).await;
+        if let Some(p) = pipeline {
+            tokio::task::block_in_place(|| p.force_flush());
+        }
         let before = host.handler_stats("echo").unwrap().ok;
+        let (cpu_before, receiver_before) = (process_cpu(), thread_cpu(RECEIVER_THREAD));
         let started = Instant::now();
         match workload {
             Workload::Request => requests(&client, n).await,
@@ -121,9 +149,40 @@ fn run(server: &NatsServer, dir: &HandlerDir, pipeline: Option<&OtlpPipeline>, w
             }
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
+        // The run's spans are its cost too: charge their export to it.
+        if let Some(p) = pipeline {
+            tokio::task::block_in_place(|| p.force_flush());
+        }
+        let cpu = process_cpu().saturating_sub(cpu_before);
+        let receiver = thread_cpu(RECEIVER_THREAD).saturating_sub(receiver_before);
         host.shutdown().await;
-        rate
-    })
+        (rate, cpu, receiver)
+    });
+    let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    Run { rate, cpu_us: per_msg(cpu), receiver_us: per_msg(receiver) }
+}
+
+/// The receiver runtime's thread name.
+const RECEIVER_THREAD: &str = "otlp-receiver";
+
+/// CPU time (user + system) of this process's threads named `name`, from
+/// `/proc/self/task/*/stat`, in clock ticks of 10 ms: coarse, but a run
+/// lasts seconds.
+fn thread_cpu(name: &str) -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // `pid (comm) state ...`: comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        if head.split_once('(').map(|(_, comm)| comm) != Some(name) {
+            continue;
+        }
+        // After the comm: state is field 3, utime 14 and stime 15.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Duration::from_millis(ticks * 10)
 }
 
 async fn requests(client: &async_nats::Client, n: usize) {

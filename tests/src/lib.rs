@@ -97,8 +97,20 @@ impl HandlerDir {
 
 /// Builds and starts a host on `dir` against `server`.
 pub async fn start_host(server: &NatsServer, dir: &HandlerDir) -> natsfn::RunningHost {
-    let host =
-        natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.expect("build host");
+    start_traced_host(server, dir, None).await
+}
+
+/// Like [`start_host`], with the host's spans going to `tracer`.
+pub async fn start_traced_host(
+    server: &NatsServer,
+    dir: &HandlerDir,
+    tracer: Option<natsfn::telemetry::Tracer>,
+) -> natsfn::RunningHost {
+    let mut builder = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path());
+    if let Some(tracer) = tracer {
+        builder = builder.tracer(tracer);
+    }
+    let host = builder.build().await.expect("build host");
     assert!(host.load_errors().is_empty(), "unexpected load errors: {:?}", host.load_errors());
     host.start().await.expect("start host")
 }
@@ -223,26 +235,8 @@ impl Drop for NatsfnProcess {
 pub mod otlp;
 pub mod tenancy;
 
-/// A multi-threaded runtime whose threads all use `dispatch` as their
-/// `tracing` subscriber (none when `None`). Each test or benchmark phase
-/// gets its own, so several OTLP pipelines can run in one process without
-/// touching the global subscriber.
-pub fn runtime_with(dispatch: Option<tracing::Dispatch>) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
-    if let Some(dispatch) = dispatch {
-        builder.on_thread_start(move || {
-            // The guard would restore the previous default; these threads
-            // keep this one for their whole life.
-            std::mem::forget(tracing::dispatcher::set_default(&dispatch));
-        });
-    }
-    builder.build().expect("build a tokio runtime")
-}
-
-/// The `tracing` dispatcher for a test traced by `pipeline`: natsfn's OTLP
-/// layer alone, exactly what an embedder adds to their subscriber.
-pub fn otlp_dispatch(pipeline: &natsfn::telemetry::OtlpPipeline) -> tracing::Dispatch {
-    use tracing_subscriber::layer::SubscriberExt;
-    tracing::Dispatch::new(tracing_subscriber::registry().with(pipeline.layer()))
+/// A two-thread runtime of its own, for tests and benchmarks that run
+/// several (a collector's and a host's) in one process.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("build a tokio runtime")
 }

@@ -2,10 +2,9 @@
 //! this process (gRPC and HTTP/protobuf, decoded with the
 //! opentelemetry-proto types), and the tests read the spans it got.
 //!
-//! Each test builds its own pipeline and runs its host on its own runtime
-//! whose threads use that pipeline's subscriber (see
-//! [`natsfn_e2e::runtime_with`]): nothing here touches the global
-//! subscriber, so the tests can run in parallel in this one process.
+//! Each test builds its own pipeline and gives its tracer to its own host:
+//! nothing here is global, so the tests can run in parallel in this one
+//! process.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -26,10 +25,10 @@ fn pipeline(protocol: Protocol, endpoint: &str) -> Otlp {
     Otlp::new().protocol(protocol).endpoint(endpoint).scheduled_delay(Duration::from_millis(50))
 }
 
-/// Runs `test` on a runtime traced by `pipeline`, then shuts the pipeline
-/// down (outside any runtime, as the binary does) and returns its counts.
+/// Runs `test` on a runtime of its own, then shuts `pipeline` down (outside
+/// any runtime, as the binary does) and returns its counts.
 fn traced(pipeline: OtlpPipeline, test: impl AsyncFnOnce(&OtlpPipeline)) -> ExportStats {
-    let rt = runtime_with(Some(otlp_dispatch(&pipeline)));
+    let rt = runtime();
     rt.block_on(test(&pipeline));
     drop(rt);
     pipeline.shutdown()
@@ -55,11 +54,11 @@ fn status(s: &ReceivedSpan) -> (StatusCode, String) {
 /// queue group). One incoming traceparent; every span must land in its
 /// trace with the right parent and attributes.
 fn chain_is_one_trace(protocol: Protocol) {
-    let collector = runtime_with(None);
+    let collector = runtime();
     let receiver = collector.block_on(OtlpReceiver::start(protocol));
     let pipeline = pipeline(protocol, receiver.endpoint()).build().expect("build pipeline");
 
-    traced(pipeline, async |_| {
+    traced(pipeline, async |pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add(
@@ -80,7 +79,7 @@ fn chain_is_one_trace(protocol: Protocol) {
             "echo",
             "[[trigger]]\nsubject = \"chain.c\"\nqueue = \"echoes\"",
         );
-        let host = start_host(&server, &dir).await;
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
         let versions: HashMap<String, String> =
             host.stats().into_iter().map(|(h, _)| (h.name.to_string(), h.version)).collect();
         let client = client(&server).await;
@@ -162,14 +161,14 @@ fn a_chain_of_handlers_is_one_trace_over_http() {
 
 #[test]
 fn missing_or_malformed_traceparent_starts_a_new_trace() {
-    let collector = runtime_with(None);
+    let collector = runtime();
     let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
     let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |_| {
+    traced(pipeline, async |pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"t.*\"");
-        let host = start_host(&server, &dir).await;
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
         let client = client(&server).await;
 
         let cases: [(&str, Option<&str>); 5] = [
@@ -213,10 +212,10 @@ fn missing_or_malformed_traceparent_starts_a_new_trace() {
 
 #[test]
 fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
-    let collector = runtime_with(None);
+    let collector = runtime();
     let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
     let pipeline = pipeline(Protocol::Grpc, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |_| {
+    traced(pipeline, async |pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add("greeter", "greeter", "greeter", "[[trigger]]\nsubject = \"greet\"")
@@ -233,7 +232,7 @@ fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
                 "forbidden",
                 "[[trigger]]\nsubject = \"probe\"\n[permissions]\npublish = [\"allowed.>\"]\n[config]\ntarget = \"secret.stuff\"\nallowed = \"allowed.ok\"",
             );
-        let host = start_host(&server, &dir).await;
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
         let client = client(&server).await;
 
         assert_eq!(text(&request(&client, "greet", "Ada").await), "Hello, Ada!");
@@ -303,7 +302,7 @@ async fn hammer(client: &async_nats::Client, n: usize) -> Duration {
 #[test]
 fn a_down_or_hung_collector_never_holds_up_handlers() {
     const N: usize = 400;
-    let collector = runtime_with(None);
+    let collector = runtime();
     let hung = collector.block_on(HungCollector::start());
     for (what, protocol, endpoint) in
         [("refused", Protocol::Grpc, refused_endpoint()), ("hung", Protocol::HttpProtobuf, hung.endpoint())]
@@ -314,7 +313,7 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
             let server = nats();
             let dir = HandlerDir::new();
             dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"load\"");
-            let host = start_host(&server, &dir).await;
+            let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
             let client = client(&server).await;
 
             let took = hammer(&client, N).await;
@@ -360,7 +359,7 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    let collector = runtime_with(None);
+    let collector = runtime();
     let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
     let server = nats();
     let dir = HandlerDir::new();
@@ -461,10 +460,10 @@ fn bad_tracing_settings_are_reported_by_name() {
 
 #[test]
 fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
-    let collector = runtime_with(None);
+    let collector = runtime();
     let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
     let pipeline = pipeline(Protocol::Grpc, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |_| {
+    traced(pipeline, async |pipeline| {
         let server = nats();
         let client = client(&server).await;
         let js = async_nats::jetstream::new(client.clone());
@@ -479,7 +478,7 @@ fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
             "[[trigger]]\nsubject = \"count\"\n[permissions]\nkv = { counters = \"write\" }",
         )
         .add("forbidden", "forbidden", "forbidden", "[[trigger]]\nsubject = \"probe\"");
-        let host = start_host(&server, &dir).await;
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
 
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());

@@ -55,7 +55,7 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
         deadline: tokio::time::Instant::now() + manifest.limits.timeout,
         jetstream: None,
         table: wasmtime::component::ResourceTable::new(),
-        span: tracing::Span::none(),
+        trace: None,
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
     let mean = |reuse: bool| {

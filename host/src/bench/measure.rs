@@ -55,7 +55,7 @@ impl Meter {
 }
 
 /// User plus system CPU time of the whole process, all threads.
-fn process_cpu() -> Duration {
+pub fn process_cpu() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is a valid, writable rusage; getrusage only writes it.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };

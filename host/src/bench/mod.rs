@@ -24,7 +24,7 @@ mod native;
 mod report;
 
 pub use instantiate::{instance_cost, InstanceCost};
-pub use measure::{Percentiles, RssScope};
+pub use measure::{process_cpu, Percentiles, RssScope};
 pub use report::{IdleMemory, Machine, Report};
 
 use std::sync::Arc;

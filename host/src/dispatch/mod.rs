@@ -26,13 +26,14 @@ pub(crate) use span::Origin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
 use crate::hostcalls::{Decision, Invocation, JetStreamAck};
 use crate::manifest::{InstanceMode, JetStreamTrigger, Manifest};
+use crate::telemetry::{Trace, Tracer};
 use crate::tenant::{Tenant, Tenants};
 use crate::{settle, wire};
 
@@ -76,13 +77,25 @@ pub struct LoadedHandler {
     pub(crate) tenant: Arc<Tenant>,
     /// Idle instances, for a handler in reuse mode; this version's own.
     pool: Option<pool::InstancePool>,
+    /// What every invocation span of this version says about it.
+    span_values: span::HandlerValues,
 }
 
 impl LoadedHandler {
     pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome, tenant: Arc<Tenant>) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
         let pool = (manifest.instance == InstanceMode::Reuse).then(pool::InstancePool::new);
-        LoadedHandler { manifest: Arc::new(manifest), compiled, cache, permits, stats: Arc::default(), tenant, pool }
+        let span_values = span::HandlerValues::new(&manifest, &compiled.digest);
+        LoadedHandler {
+            manifest: Arc::new(manifest),
+            compiled,
+            cache,
+            permits,
+            stats: Arc::default(),
+            tenant,
+            pool,
+            span_values,
+        }
     }
 
     /// Called when a newer version takes over: drops the idle instances of
@@ -264,14 +277,14 @@ impl Stats {
 
 /// Runs `handler` for one delivery (on a fresh instance, or a reused one in
 /// reuse mode) and applies the
-/// outcome: a reply for core requests, ack/nak/term for JetStream. `span`
-/// is the invocation's span (the caller runs this inside it); host calls
-/// parent their spans on it.
+/// outcome: a reply for core requests, ack/nak/term for JetStream. `trace`
+/// is the invocation's span, when traced; host calls parent their spans on
+/// it.
 pub(crate) async fn invoke(
     dispatcher: &Dispatcher,
     handler: &LoadedHandler,
     delivery: Delivery,
-    span: &tracing::Span,
+    trace: Option<&Trace>,
     admission: &mut Admission,
 ) {
     let (engine, nats) = (&dispatcher.engine, &handler.tenant.nats);
@@ -302,7 +315,7 @@ pub(crate) async fn invoke(
         deadline,
         jetstream,
         table: wasmtime::component::ResourceTable::new(),
-        span: span.clone(),
+        trace: trace.cloned(),
     };
     let mut lease = pool::Lease::checkout(engine, handler.pool.as_ref(), calls);
 
@@ -331,7 +344,9 @@ pub(crate) async fn invoke(
     let slot = if clean && handler.pool.is_some() { admission.slot.take() } else { None };
     lease.checkin(handler.pool.as_ref(), clean, slot);
 
-    span::record_outcome(span, handler, &outcome);
+    if let Some(trace) = trace {
+        span::record_outcome(trace, handler, &outcome);
+    }
     if !matches!(outcome, Outcome::Ok) {
         report(manifest, &wit_msg.subject, &outcome);
     }
@@ -425,6 +440,8 @@ pub(crate) struct Dispatcher {
     /// Fired when the shutdown deadline passes: running invocations are
     /// abandoned (their instances dropped mid-call).
     pub(crate) abandon: tokio_util::sync::CancellationToken,
+    /// Where invocation spans go; `None` makes none.
+    pub(crate) tracer: Option<Tracer>,
 }
 
 /// The permits an admitted message holds until its invocation ends.
@@ -516,8 +533,8 @@ impl Dispatcher {
         // counts) invocations, wherever they run.
         let tracked = self.invocations.token();
         Box::pin(async move {
-            let span = match &delivery {
-                Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(),
+            let trace = this.tracer.as_ref().map(|tracer| match &delivery {
+                Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(tracer),
                 Delivery::JetStream(received, _) => {
                     let mut s = span::InvocationSpan::new(&handler, &received.msg.message, &origin);
                     if let Some(meta) = &received.meta {
@@ -528,20 +545,33 @@ impl Dispatcher {
                             delivered: meta.delivered,
                         });
                     }
-                    s.start()
+                    s.start(tracer)
+                }
+            });
+            let run = invoke(&this, &handler, delivery, trace.as_ref(), &mut admission);
+            // Current while the invocation is polled, so guest stdout and
+            // stderr lines find their span.
+            let run = async {
+                match &trace {
+                    Some(trace) => run.with_context(trace.context().clone()).await,
+                    None => run.await,
                 }
             };
-            let run = invoke(&this, &handler, delivery, &span, &mut admission);
             tokio::select! {
                 // The invocation first: most finish in their first poll,
                 // without ever registering with the cancellation token.
                 biased;
-                () = run.instrument(span.clone()) => {}
+                () = run => {}
                 () = this.abandon.cancelled() => {
-                    span::record_abandoned(&span);
+                    if let Some(trace) = &trace {
+                        span::record_abandoned(trace);
+                    }
                     tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
                         "invocation abandoned: still running at the shutdown deadline");
                 }
+            }
+            if let Some(trace) = &trace {
+                trace.end();
             }
             drop(admission);
             drop(tracked);

@@ -10,35 +10,61 @@
 //!
 //! Every trigger kind builds its span through [`InvocationSpan`], adding what
 //! it knows (a queue group, JetStream delivery data), so attributes stay
-//! consistent across kinds.
+//! consistent across kinds. What is the same for every message of a binding
+//! or a handler ([`Origin`], [`HandlerValues`]) is made once and shared.
 
 use async_nats::HeaderMap;
-use opentelemetry::KeyValue;
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{KeyValue, StringValue, Value};
 
 use super::{LoadedHandler, Outcome};
 use crate::bindings::HandlerError;
-use crate::telemetry::{self, SPAN_TARGET};
+use crate::manifest::Manifest;
+use crate::telemetry::key::*;
+use crate::telemetry::{self, Trace, Tracer};
 
 /// Where a trigger's messages come from, kept once per binding so each
-/// invocation borrows it instead of formatting it again.
+/// invocation shares it instead of formatting it again.
 #[derive(Debug)]
 pub(crate) struct Origin {
-    /// The subscription's subject pattern. Low-cardinality, so it, not the
-    /// concrete subject, names the span.
-    pub(crate) subscription: String,
-    /// Whether the pattern has wildcards: then it is also the destination
-    /// template.
-    pub(crate) wildcard: bool,
+    /// `process {subscription}`: the pattern, not the concrete subject,
+    /// names the span, to keep span names low-cardinality.
+    name: String,
+    /// The subscription's subject pattern when it has wildcards: then it is
+    /// also the destination template. Without wildcards it would only
+    /// repeat the subject, and every attribute is shipped per message.
+    wildcard_pattern: Option<StringValue>,
     /// The queue group: `messaging.consumer.group.name`.
-    pub(crate) group: Option<String>,
+    group: Option<StringValue>,
 }
 
 impl Origin {
     pub(crate) fn subject(subscription: String, group: Option<String>) -> Origin {
         let wildcard = subscription.split('.').any(|token| token == "*" || token == ">");
-        Origin { subscription, wildcard, group }
+        Origin {
+            name: format!("process {subscription}"),
+            wildcard_pattern: wildcard.then(|| StringValue::from(subscription)),
+            group: group.map(StringValue::from),
+        }
+    }
+}
+
+/// The attribute values every invocation span of one handler version
+/// carries, made when it loads: cloning one is a reference count.
+pub(crate) struct HandlerValues {
+    handler: StringValue,
+    version: StringValue,
+    tenant: StringValue,
+}
+
+impl HandlerValues {
+    pub(crate) fn new(manifest: &Manifest, digest: &str) -> Self {
+        let shared = |s: &str| StringValue::from(std::sync::Arc::<str>::from(s));
+        HandlerValues {
+            handler: shared(manifest.name.as_str()),
+            version: shared(digest),
+            tenant: shared(manifest.tenant.as_str()),
+        }
     }
 }
 
@@ -85,47 +111,45 @@ impl<'a> InvocationSpan<'a> {
         self
     }
 
-    /// Creates the span and parents it on the message's trace context. With
-    /// no subscriber interested in [`SPAN_TARGET`] this is a disabled span
-    /// and nothing below the first line runs.
-    pub(crate) fn start(self) -> tracing::Span {
-        let manifest = &self.handler.manifest;
+    /// Starts the span, parented on the message's trace context.
+    pub(crate) fn start(self, tracer: &Tracer) -> Trace {
+        let values = &self.handler.span_values;
         let js = self.jetstream;
-        let destination = js.map_or(self.origin.subscription.as_str(), |j| j.stream);
-        let group = js.map(|j| j.consumer).or(self.origin.group.as_deref());
-        let wildcard_pattern = self.origin.wildcard.then_some(self.origin.subscription.as_str());
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            "process",
-            otel.name = format!("process {destination}"),
-            otel.kind = "consumer",
-            otel.status_description = Empty,
-            error.type = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "process",
-            messaging.operation.name = "process",
-            messaging.destination.name = self.subject,
-            // Every attribute is encoded and shipped per message: the
-            // subscription is only worth its bytes when it differs from the
-            // subject, i.e. has wildcards.
-            messaging.destination.subscription.name = wildcard_pattern,
-            messaging.destination.template = wildcard_pattern,
-            messaging.consumer.group.name = group,
-            // Integers as i64: the OTel layer records u64 as text.
-            messaging.message.body.size = self.body_size as i64,
-            messaging.message.id = js.map(|j| j.stream_sequence.to_string()),
-            natsfn.jetstream.stream = js.map(|j| j.stream),
-            natsfn.jetstream.stream_sequence = js.map(|j| j.stream_sequence as i64),
-            natsfn.jetstream.delivered = js.map(|j| j.delivered as i64),
-            natsfn.handler = manifest.name.as_str(),
-            natsfn.handler.version = self.handler.compiled.digest.as_str(),
-            natsfn.tenant = manifest.tenant.as_str(),
-            natsfn.outcome = Empty,
-        );
-        if !span.is_disabled() {
-            telemetry::adopt_parent(&span, self.headers);
+        let mut attributes = Vec::with_capacity(16);
+        attributes.extend([
+            KeyValue::new(MESSAGING_SYSTEM, "nats"),
+            KeyValue::new(OPERATION_TYPE, "process"),
+            KeyValue::new(OPERATION_NAME, "process"),
+            KeyValue::new(DESTINATION_NAME, self.subject.to_owned()),
+            // Integers as i64: OTLP has no unsigned integers.
+            KeyValue::new(BODY_SIZE, self.body_size as i64),
+            KeyValue::new(HANDLER, Value::String(values.handler.clone())),
+            KeyValue::new(HANDLER_VERSION, Value::String(values.version.clone())),
+            KeyValue::new(TENANT, Value::String(values.tenant.clone())),
+        ]);
+        if let Some(pattern) = &self.origin.wildcard_pattern {
+            attributes.push(KeyValue::new(SUBSCRIPTION_NAME, Value::String(pattern.clone())));
+            attributes.push(KeyValue::new(DESTINATION_TEMPLATE, Value::String(pattern.clone())));
         }
-        span
+        let name = match js {
+            Some(j) => {
+                attributes.extend([
+                    KeyValue::new(CONSUMER_GROUP, j.consumer.to_owned()),
+                    KeyValue::new(MESSAGE_ID, j.stream_sequence.to_string()),
+                    KeyValue::new(JS_STREAM, j.stream.to_owned()),
+                    KeyValue::new(JS_SEQUENCE, j.stream_sequence as i64),
+                    KeyValue::new(JS_DELIVERED, j.delivered as i64),
+                ]);
+                format!("process {}", j.stream)
+            }
+            None => {
+                if let Some(group) = &self.origin.group {
+                    attributes.push(KeyValue::new(CONSUMER_GROUP, Value::String(group.clone())));
+                }
+                self.origin.name.clone()
+            }
+        };
+        tracer.start(name, SpanKind::Consumer, attributes, &telemetry::parent_context(self.headers))
     }
 }
 
@@ -133,10 +157,7 @@ impl<'a> InvocationSpan<'a> {
 /// case costs nothing more): `natsfn.outcome`; error status, `error.type`
 /// and the message for a failure, trap, timeout or limit; and an
 /// `exception` event carrying a trap's reason.
-pub(crate) fn record_outcome(span: &tracing::Span, handler: &LoadedHandler, outcome: &Outcome) {
-    if span.is_disabled() {
-        return;
-    }
+pub(crate) fn record_outcome(trace: &Trace, handler: &LoadedHandler, outcome: &Outcome) {
     let limits = &handler.manifest.limits;
     let (kind, error) = match outcome {
         Outcome::Ok => return,
@@ -145,12 +166,12 @@ pub(crate) fn record_outcome(span: &tracing::Span, handler: &LoadedHandler, outc
         Outcome::Failed(HandlerError::Retry(_)) => ("retry", None),
         Outcome::Failed(HandlerError::Fail(why)) => ("fail", Some(format!("handler failed: {why}"))),
         Outcome::Trapped(why) => {
-            exception(span, "trap", why.clone());
+            exception(trace, "trap", why.clone());
             ("trap", Some(format!("handler trapped: {why}")))
         }
         Outcome::MemoryLimit => {
             let why = format!("handler trapped after reaching its memory limit of {} MiB", limits.memory_bytes >> 20);
-            exception(span, "memory_limit", why.clone());
+            exception(trace, "memory_limit", why.clone());
             ("memory_limit", Some(why))
         }
         Outcome::TimedOut => {
@@ -160,29 +181,19 @@ pub(crate) fn record_outcome(span: &tracing::Span, handler: &LoadedHandler, outc
             ("out_of_fuel", Some(format!("handler ran out of its fuel of {}", limits.fuel.unwrap_or(u64::MAX))))
         }
     };
-    span.record("natsfn.outcome", kind);
+    trace.set(KeyValue::new(OUTCOME, kind));
     if let Some(error) = error {
-        span.record("error.type", kind);
-        // The description alone makes the status an error.
-        span.record("otel.status_description", error.as_str());
+        trace.fail(kind, error);
     }
 }
 
-/// Adds an `exception` event (semantic conventions for exceptions) to the
-/// OpenTelemetry span behind `span`.
-fn exception(span: &tracing::Span, kind: &'static str, message: String) {
-    span.add_event(
-        "exception",
-        vec![KeyValue::new("exception.type", kind), KeyValue::new("exception.message", message)],
-    );
+/// Adds an `exception` event (semantic conventions for exceptions).
+fn exception(trace: &Trace, kind: &'static str, message: String) {
+    trace.event("exception", vec![KeyValue::new(EXCEPTION_TYPE, kind), KeyValue::new(EXCEPTION_MESSAGE, message)]);
 }
 
 /// Records that the invocation was cut off at the shutdown deadline.
-pub(crate) fn record_abandoned(span: &tracing::Span) {
-    if span.is_disabled() {
-        return;
-    }
-    span.record("natsfn.outcome", "abandoned");
-    span.record("error.type", "abandoned");
-    span.record("otel.status_description", "invocation abandoned: still running at the shutdown deadline");
+pub(crate) fn record_abandoned(trace: &Trace) {
+    trace.set(KeyValue::new(OUTCOME, "abandoned"));
+    trace.fail("abandoned", "invocation abandoned: still running at the shutdown deadline");
 }

@@ -13,7 +13,8 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::hostcalls::GUEST_TARGET;
+use crate::bindings::natsfn::host::log::Level;
+use crate::hostcalls::guest_line;
 use crate::limits::MAX_LOG_LINE;
 use crate::manifest::Manifest;
 use crate::telemetry;
@@ -88,20 +89,14 @@ impl LineWriter {
         }
         let line = String::from_utf8_lossy(&self.buf);
         let line = line.trim_end_matches('\r');
-        let handler = self.out.manifest.name.as_str();
-        let tenant = self.out.manifest.tenant.as_str();
-        // Guest writes happen inside the invocation's span.
-        let ids = telemetry::log_ids(&tracing::Span::current());
-        let trace_id = ids.map(|(t, _)| tracing::field::display(t));
-        let span_id = ids.map(|(_, s)| tracing::field::display(s));
-        match self.out.stream {
-            Stream::Stdout => {
-                tracing::info!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, trace_id, span_id, stream = "stdout", "{line}")
-            }
-            Stream::Stderr => {
-                tracing::warn!(target: GUEST_TARGET, handler = %handler, tenant = %tenant, trace_id, span_id, stream = "stderr", "{line}")
-            }
-        }
+        let (level, stream) = match self.out.stream {
+            Stream::Stdout => (Level::Info, "stdout"),
+            Stream::Stderr => (Level::Warn, "stderr"),
+        };
+        // Guest writes happen while dispatch polls the invocation, with its
+        // span's context current.
+        let trace = telemetry::current();
+        guest_line(level, line, &self.out.manifest, Some(stream), trace.as_ref());
         self.buf.clear();
     }
 }

@@ -12,13 +12,15 @@ use async_nats::client::{PublishErrorKind, RequestErrorKind};
 use async_nats::jetstream::context::PublishErrorKind as PublishAckErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::Request;
-use tracing::field::Empty;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 use super::{in_span, outgoing_headers, CallError, Invocation};
 use crate::bindings::natsfn::host::messaging::Host;
 use crate::bindings::{Message, WitError};
 use crate::subject::Subject;
-use crate::telemetry::SPAN_TARGET;
+use crate::telemetry::key::*;
+use crate::telemetry::Trace;
 use crate::wire;
 
 /// Which grant a subject is checked against.
@@ -58,27 +60,24 @@ impl Invocation {
     fn message_span(
         &self,
         operation: &'static str,
-        kind: &'static str,
+        kind: SpanKind,
         subject: &str,
         body_size: usize,
         message_id: Option<&str>,
-    ) -> tracing::Span {
-        let verb = if kind == "client" { "request" } else { "publish" };
-        tracing::info_span!(
-            target: SPAN_TARGET,
-            parent: &self.span,
-            "send",
-            otel.name = format!("{verb} {subject}"),
-            otel.kind = kind,
-            otel.status_description = Empty,
-            error.type = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.operation.name = operation,
-            messaging.destination.name = subject,
-            messaging.message.body.size = body_size as i64,
-            messaging.message.id = message_id,
-        )
+    ) -> Option<Trace> {
+        let trace = self.trace.as_ref()?;
+        let verb = if kind == SpanKind::Client { "request" } else { "publish" };
+        let mut attributes = vec![
+            KeyValue::new(MESSAGING_SYSTEM, "nats"),
+            KeyValue::new(OPERATION_TYPE, "send"),
+            KeyValue::new(OPERATION_NAME, operation),
+            KeyValue::new(DESTINATION_NAME, subject.to_owned()),
+            KeyValue::new(BODY_SIZE, body_size as i64),
+        ];
+        if let Some(id) = message_id {
+            attributes.push(KeyValue::new(MESSAGE_ID, id.to_owned()));
+        }
+        Some(trace.child(format!("{verb} {subject}"), kind, attributes))
     }
 }
 
@@ -89,8 +88,8 @@ impl Host for Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
-        let span = self.message_span("publish", "producer", &subject, payload.len(), None);
-        in_span(span.clone(), self.publish_in(&span, subject, headers, payload)).await
+        let span = self.message_span("publish", SpanKind::Producer, &subject, payload.len(), None);
+        in_span(span.clone(), self.publish_in(span.as_ref(), subject, headers, payload)).await
     }
 
     async fn request(
@@ -100,8 +99,8 @@ impl Host for Invocation {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
-        let span = self.message_span("request", "client", &subject, payload.len(), None);
-        in_span(span.clone(), self.request_in(&span, subject, headers, payload, timeout_ms)).await
+        let span = self.message_span("request", SpanKind::Client, &subject, payload.len(), None);
+        in_span(span.clone(), self.request_in(span.as_ref(), subject, headers, payload, timeout_ms)).await
     }
 
     async fn jetstream_publish(
@@ -111,15 +110,16 @@ impl Host for Invocation {
         payload: Vec<u8>,
         msg_id: Option<String>,
     ) -> Result<u64, CallError> {
-        let span = self.message_span("jetstream.publish", "producer", &subject, payload.len(), msg_id.as_deref());
-        in_span(span.clone(), self.jetstream_publish_in(&span, subject, headers, payload, msg_id)).await
+        let span =
+            self.message_span("jetstream.publish", SpanKind::Producer, &subject, payload.len(), msg_id.as_deref());
+        in_span(span.clone(), self.jetstream_publish_in(span.as_ref(), subject, headers, payload, msg_id)).await
     }
 }
 
 impl Invocation {
     async fn publish_in(
         &mut self,
-        span: &tracing::Span,
+        span: Option<&Trace>,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
@@ -141,7 +141,7 @@ impl Invocation {
 
     async fn request_in(
         &mut self,
-        span: &tracing::Span,
+        span: Option<&Trace>,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
@@ -173,7 +173,7 @@ impl Invocation {
 
     async fn jetstream_publish_in(
         &mut self,
-        span: &tracing::Span,
+        span: Option<&Trace>,
         subject: String,
         headers: Vec<(String, String)>,
         payload: Vec<u8>,

@@ -23,19 +23,22 @@ mod types;
 
 pub(crate) use acks::{Decision, JetStreamAck};
 pub(crate) use buckets::Buckets;
-pub(crate) use log::GUEST_TARGET;
+pub(crate) use log::guest_line;
 pub use object::{ObjectReader, ObjectWriter};
 
 use std::sync::Arc;
 
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::{Handler, WitError};
 use crate::dispatch::Stats;
 use crate::manifest::Manifest;
+use crate::telemetry::{self, key, Trace};
 use crate::tenant::Tenant;
-use crate::{telemetry, wire};
+use crate::wire;
 
 /// What host calls know about the invocation they serve.
 pub struct Invocation {
@@ -52,25 +55,25 @@ pub struct Invocation {
     /// Resources the guest holds (object readers and writers); dropped with
     /// the invocation.
     pub(crate) table: wasmtime::component::ResourceTable,
-    /// The invocation's span: the parent of host-call spans. Disabled when
-    /// nothing records natsfn's spans.
-    pub(crate) span: tracing::Span,
+    /// The invocation's span, the parent of host-call spans; `None` when
+    /// the host is not traced.
+    pub(crate) trace: Option<Trace>,
 }
 
 /// Builds the headers of an outgoing message from the guest's pairs and the
-/// trace context of `span`. When there is a context to send, it replaces
+/// trace context of `trace`. When there is a context to send, it replaces
 /// any trace headers the guest supplied (a guest forwarding its incoming
 /// headers would otherwise make the next hop a sibling, not a child).
 pub(crate) fn outgoing_headers(
-    span: &tracing::Span,
+    trace: Option<&Trace>,
     mut pairs: Vec<(String, String)>,
 ) -> Result<Option<async_nats::HeaderMap>, WitError> {
-    let Some(cx) = telemetry::span_context(span) else {
+    let Some(trace) = trace else {
         return wire::headers_from_wit(pairs);
     };
     telemetry::strip_trace_headers(&mut pairs);
     let mut headers = wire::headers_from_wit(pairs)?.unwrap_or_default();
-    telemetry::inject(&cx, &mut headers);
+    trace.inject(&mut headers);
     Ok(Some(headers))
 }
 
@@ -92,44 +95,40 @@ impl Invocation {
 
     /// The client span of a KV or object call, a child of the invocation:
     /// `{operation} {bucket}`, with the bucket and the key or object name.
-    pub(crate) fn bucket_span(&self, operation: &'static str, bucket: &str, key: Option<&str>) -> tracing::Span {
-        tracing::info_span!(
-            target: telemetry::SPAN_TARGET,
-            parent: &self.span,
-            "bucket",
-            otel.name = format!("{operation} {bucket}"),
-            otel.kind = "client",
-            otel.status_description = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            db.system.name = "nats",
-            db.operation.name = operation,
-            db.namespace = bucket,
-            natsfn.bucket = bucket,
-            natsfn.key = key,
-        )
+    pub(crate) fn bucket_span(&self, operation: &'static str, bucket: &str, key: Option<&str>) -> Option<Trace> {
+        let trace = self.trace.as_ref()?;
+        let mut attributes = vec![
+            KeyValue::new(key::DB_SYSTEM, "nats"),
+            KeyValue::new(key::DB_OPERATION, operation),
+            KeyValue::new(key::DB_NAMESPACE, bucket.to_owned()),
+            KeyValue::new(key::BUCKET, bucket.to_owned()),
+        ];
+        if let Some(key) = key {
+            attributes.push(KeyValue::new(key::KEY, key.to_owned()));
+        }
+        Some(trace.child(format!("{operation} {bucket}"), SpanKind::Client, attributes))
     }
 }
 
-/// Runs a host call inside `span`, and marks the span failed when the guest
-/// gets an error back.
+/// Runs a host call in `span` (ended when it returns), and marks the span
+/// failed when the guest gets an error back.
 pub(crate) async fn in_span<T>(
-    span: tracing::Span,
+    span: Option<Trace>,
     call: impl std::future::Future<Output = Result<T, CallError>>,
 ) -> Result<T, CallError> {
-    use tracing::Instrument;
-    let result = call.instrument(span.clone()).await;
-    record_call_error(&span, &result);
+    let result = call.await;
+    if let Some(span) = span {
+        record_call_error(&span, &result);
+        span.end();
+    }
     result
 }
 
 /// Marks a host-call span as failed with the error the guest gets back.
-pub(crate) fn record_call_error<T>(span: &tracing::Span, result: &Result<T, CallError>) {
+fn record_call_error<T>(span: &Trace, result: &Result<T, CallError>) {
     let Err(CallError::Guest(e)) = result else {
         return;
     };
-    if span.is_disabled() {
-        return;
-    }
     let (kind, detail) = match e {
         WitError::PermissionDenied(s) => ("permission_denied", s.clone()),
         WitError::NotFound => ("not_found", String::new()),
@@ -140,9 +139,8 @@ pub(crate) fn record_call_error<T>(span: &tracing::Span, result: &Result<T, Call
         WitError::Invalid(s) => ("invalid", s.clone()),
         WitError::Unavailable(s) => ("unavailable", s.clone()),
     };
-    span.record("error.type", kind);
     let description = if detail.is_empty() { kind.to_owned() } else { format!("{kind}: {detail}") };
-    span.record("otel.status_description", description.as_str());
+    span.fail(kind, description);
 }
 
 /// The error side of host calls that return the WIT `error` variant.

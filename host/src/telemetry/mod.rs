@@ -1,64 +1,47 @@
-//! Telemetry: log output for the binary, and OpenTelemetry tracing for
+//! Telemetry: log output for the binary, and OpenTelemetry spans for
 //! everyone.
 //!
-//! The library only *emits* [`tracing`] spans and events; whoever owns the
-//! process decides where they go. natsfn's spans all use the target
-//! [`SPAN_TARGET`] at `INFO`: one `process {subject}` span per invocation
-//! (kind consumer, parented on the W3C `traceparent` of the message) and one
-//! child span per host call (`publish {subject}`, `request {subject}`).
-//! Their fields are OpenTelemetry attributes named after the messaging
-//! semantic conventions of [`SEMCONV_SCHEMA_URL`], and `tracing-opentelemetry`
-//! turns them into OTel spans.
+//! natsfn makes its spans with the OpenTelemetry SDK (see `spans` for why
+//! not through `tracing`): one `process {subject}` span per invocation (kind
+//! consumer, parented on the W3C `traceparent` of the message) and one child
+//! span per host call (`publish {subject}`, `request {subject}`, `kv.get
+//! {bucket}`, ...). Their attributes are named after the messaging semantic
+//! conventions of [`SEMCONV_SCHEMA_URL`].
 //!
 //! - [`Otlp`] builds an OTLP export pipeline (gRPC or HTTP/protobuf, the
-//!   standard `OTEL_*` variables honoured) whose [`OtlpPipeline::layer`] an
-//!   embedder adds to their own subscriber, with the per-layer filter that
-//!   keeps a global `EnvFilter` from starving it.
-//! - [`init`] is what the `natsfn` binary installs: stderr logs filtered by
-//!   `RUST_LOG`, plus the OTLP layer when one is configured.
+//!   standard `OTEL_*` variables honoured); its [`OtlpPipeline::tracer`] goes
+//!   to [`crate::HostBuilder::tracer`]. An embedder with their own
+//!   OpenTelemetry provider gives the host a [`Tracer`] made from it instead.
+//! - [`init`] is what the `natsfn` binary installs for log lines: stderr,
+//!   filtered by `RUST_LOG`. Guest log lines go there too (with the trace
+//!   and span ids when traced), and are events of the invocation's span.
 //!
-//! With no layer interested in [`SPAN_TARGET`], the spans are disabled at
-//! their call sites (one cached interest check), and dispatch skips trace
-//! context extraction and injection entirely: tracing off costs nothing.
+//! A host given no tracer makes no spans and never reads or writes trace
+//! headers: tracing off costs nothing.
 
+pub(crate) mod key;
 mod otlp;
 mod propagation;
+mod spans;
 
 pub use otlp::{ExportStats, Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError};
-pub(crate) use propagation::{adopt_parent, inject, log_ids, span_context, strip_trace_headers};
+pub(crate) use propagation::{parent_context, strip_trace_headers};
+pub use spans::Tracer;
+pub(crate) use spans::{current, Trace};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// The `tracing` target of every span natsfn creates. Filters for an
-/// OpenTelemetry layer must let it through at `INFO`; log output usually
-/// leaves it out.
-pub const SPAN_TARGET: &str = "natsfn::trace";
-
 /// The OpenTelemetry semantic conventions natsfn's span attributes follow:
 /// schema 1.42.0, the messaging conventions (still *development* status).
 pub const SEMCONV_SCHEMA_URL: &str = opentelemetry_semantic_conventions::SCHEMA_URL;
 
-/// Installs the global subscriber for log output only. Calling it twice is
-/// harmless (the second call does nothing).
-pub fn init_logging(default_filter: &str) {
-    init(default_filter, None);
-}
-
 /// Installs the global subscriber: human-readable lines on stderr filtered
-/// by `RUST_LOG` (default `default_filter`), and `otlp`'s layer when given.
-/// Returns whether this call installed it (false when a subscriber was
-/// already set).
-///
-/// natsfn's spans are left out of the log lines: their attributes are for
-/// the trace backend, and guest lines already carry the handler, tenant and
-/// trace ids as fields.
-pub fn init(default_filter: &str, otlp: Option<&OtlpPipeline>) -> bool {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    if let Ok(off) = format!("{SPAN_TARGET}=off").parse() {
-        filter = filter.add_directive(off);
-    }
+/// by `RUST_LOG` (default `default_filter`). Returns whether this call
+/// installed it (false when a subscriber was already set).
+pub fn init(default_filter: &str) -> bool {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
-    tracing_subscriber::registry().with(fmt).with(otlp.map(OtlpPipeline::layer)).try_init().is_ok()
+    tracing_subscriber::registry().with(fmt).try_init().is_ok()
 }

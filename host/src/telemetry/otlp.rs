@@ -31,10 +31,6 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
-use tracing_opentelemetry::OpenTelemetryLayer;
-use tracing_subscriber::filter::{Filtered, LevelFilter, Targets};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 use super::SEMCONV_SCHEMA_URL;
 
@@ -212,16 +208,14 @@ impl Sampler {
 /// `..._COMPRESSION`, and `OTEL_BSP_*` for batching.
 ///
 /// ```no_run
-/// # fn demo() -> Result<(), natsfn::telemetry::TelemetryError> {
-/// use tracing_subscriber::layer::SubscriberExt;
-/// use tracing_subscriber::util::SubscriberInitExt;
-///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// let otlp = natsfn::telemetry::Otlp::from_env()?
 ///     .endpoint("http://collector:4318")
 ///     .build()?;
-/// tracing_subscriber::registry().with(otlp.layer()).init();
+/// let host = natsfn::Host::builder().handlers_dir("handlers").tracer(otlp.tracer()).build().await?;
 /// // ... run the host ...
-/// otlp.shutdown(); // flushes the last spans
+/// # drop(host);
+/// otlp.shutdown(); // flushes the last spans (blocks: call it outside async code)
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Default)]
@@ -341,7 +335,7 @@ impl Otlp {
     }
 
     /// Builds the exporter, the batch processor and the tracer. Nothing is
-    /// installed globally: add [`OtlpPipeline::layer`] to a subscriber.
+    /// installed globally: give [`OtlpPipeline::tracer`] to the host.
     pub fn build(self) -> Result<OtlpPipeline, TelemetryError> {
         let protocol = self.protocol.unwrap_or(Protocol::HttpProtobuf);
         let counters = Arc::new(Counters::default());
@@ -476,33 +470,9 @@ impl ExportStats {
 }
 
 impl OtlpPipeline {
-    /// The `tracing` layer that turns natsfn's spans into OpenTelemetry
-    /// spans for this pipeline, with its own filter (target `natsfn` at
-    /// `INFO`: the spans, guest log lines as span events, the host's
-    /// warnings) so that a global filter on the subscriber cannot starve it.
-    pub fn layer<S>(&self) -> Filtered<OpenTelemetryLayer<S, SdkTracer>, Targets, S>
-    where
-        S: tracing::Subscriber + for<'span> LookupSpan<'span>,
-    {
-        tracing_opentelemetry::layer()
-            .with_tracer(self.tracer.clone())
-            // Each of these adds work per span for attributes nobody here
-            // asked for: source locations, thread ids, busy/idle timings,
-            // the tracing target, and an OTel context switch on every poll.
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_target(false)
-            .with_context_activation(false)
-            // A guest logging at error level has not failed: dispatch sets
-            // the status from the invocation's outcome.
-            .with_error_events_to_status(false)
-            .with_filter(Targets::new().with_target("natsfn", LevelFilter::INFO))
-    }
-
-    /// The tracer, for building a layer with other options.
-    pub fn tracer(&self) -> SdkTracer {
-        self.tracer.clone()
+    /// The tracer to give [`crate::HostBuilder::tracer`].
+    pub fn tracer(&self) -> super::Tracer {
+        super::Tracer::new(self.tracer.clone())
     }
 
     /// The transport in use.

@@ -1,5 +1,5 @@
 //! W3C trace context in NATS headers: reading a message's `traceparent` /
-//! `tracestate` into the span that processes it, and writing the current
+//! `tracestate` as the parent of the span that processes it, and writing a
 //! span's context into the headers of what a handler sends.
 //!
 //! natsfn always speaks W3C trace context (it does not consult the global
@@ -10,10 +10,9 @@ use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
+use opentelemetry::trace::TraceContextExt;
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
@@ -84,42 +83,28 @@ impl Injector for Inject<'_> {
     }
 }
 
-/// Makes `span` a child of the trace context in `headers`, if they carry a
-/// valid one. A missing or malformed `traceparent` leaves the span as the
-/// root of a new trace. Call it right after creating the span, before it is
-/// entered.
-pub(crate) fn adopt_parent(span: &tracing::Span, headers: Option<&HeaderMap>) {
+/// The trace context `headers` carry, to parent an invocation's span on. A
+/// missing or malformed `traceparent` gives an empty context: the span
+/// starts a new trace.
+pub(crate) fn parent_context(headers: Option<&HeaderMap>) -> Context {
     let Some(headers) = headers.filter(|h| !h.is_empty()) else {
-        return;
+        return Context::new();
     };
     let extractor = Extract(headers);
     match extractor.get(TRACEPARENT) {
-        None => return,
+        None => return Context::new(),
         Some(tp) if !well_formed_traceparent(tp) => {
             tracing::debug!("ignoring a malformed traceparent header");
-            return;
+            return Context::new();
         }
         Some(_) => {}
     }
     let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &extractor);
     if !cx.span().span_context().is_valid() {
         tracing::debug!("ignoring a malformed traceparent header");
-        return;
+        return Context::new();
     }
-    if let Err(e) = span.set_parent(cx) {
-        tracing::debug!("cannot parent the invocation span: {e}");
-    }
-}
-
-/// The OpenTelemetry context of `span`, when an OpenTelemetry layer records
-/// it: what outgoing messages should carry.
-pub(crate) fn span_context(span: &tracing::Span) -> Option<Context> {
-    if span.is_disabled() {
-        return None;
-    }
-    let cx = span.context();
-    let valid = cx.span().span_context().is_valid();
-    valid.then_some(cx)
+    cx
 }
 
 /// Writes `cx` into `headers` as `traceparent` (and `tracestate` when there
@@ -133,15 +118,6 @@ pub(crate) fn inject(cx: &Context, headers: &mut HeaderMap) {
 /// headers must not make the next hop a sibling instead of a child.
 pub(crate) fn strip_trace_headers(pairs: &mut Vec<(String, String)>) {
     pairs.retain(|(name, _)| !name.eq_ignore_ascii_case(TRACEPARENT) && !name.eq_ignore_ascii_case(TRACESTATE));
-}
-
-/// The trace and span id of `span`, for log lines, when it is recorded by
-/// an OpenTelemetry layer.
-pub(crate) fn log_ids(span: &tracing::Span) -> Option<(TraceId, SpanId)> {
-    let cx = span_context(span)?;
-    let otel = cx.span();
-    let sc = otel.span_context();
-    Some((sc.trace_id(), sc.span_id()))
 }
 
 #[cfg(test)]
