@@ -5,9 +5,9 @@
 //! natsfn first made `tracing` spans and let `tracing-opentelemetry` turn
 //! them into OpenTelemetry ones. That cost every invocation the subscriber
 //! registry, per-layer filtering and a conversion of each field into an
-//! attribute: 6–8 µs for an invocation span and one host-call span, against
-//! 2.3–2.7 µs for the same two spans built here, where attribute keys are
-//! static and the per-handler values are shared rather than copied.
+//! attribute: about three times what the same spans cost built here, where
+//! attribute keys are static and per-handler values are shared, not copied
+//! (BENCHMARKS.md, "Tracing on and off").
 //! Guest log lines still go to `tracing` as log lines; they become events of
 //! the invocation's span here.
 
