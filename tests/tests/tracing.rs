@@ -513,3 +513,69 @@ fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
     });
     drop(collector);
 }
+
+/// A JetStream delivery is `process {stream}` with the durable as consumer
+/// group, the stream sequence and the delivery count; a redelivery is a new
+/// span in the same incoming trace, and a retry is recorded as such, not as
+/// an error.
+#[test]
+fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
+    let collector = runtime();
+    let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
+    let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
+    traced(pipeline, async |pipeline| {
+        let server = nats();
+        let client = client(&server).await;
+        let js = async_nats::jetstream::new(client.clone());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let dir = HandlerDir::new();
+        dir.add(
+            "flaky",
+            "flaky",
+            "flaky",
+            "[[trigger]]\njetstream = { stream = \"ORDERS\", durable = \"workers\" }\n\
+             [permissions]\npublish = [\"flaky.attempts\"]\n[config]\nfail_times = 1\nretry_ms = 50",
+        );
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
+
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        js.publish_with_headers("orders.new", headers, "order".into()).await.unwrap().await.unwrap();
+        let spans = receiver
+            .wait_for("two deliveries", |s| s.iter().filter(|s| s.span.name == "process ORDERS").count() >= 2)
+            .await;
+        host.shutdown().await;
+
+        let mut deliveries: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.span.name == "process ORDERS").collect();
+        deliveries.sort_by_key(|s| s.int_attr("natsfn.jetstream.delivered"));
+        for (n, s) in deliveries.iter().enumerate() {
+            assert_eq!(kind(s), SpanKind::Consumer);
+            assert_eq!(s.trace_id(), TRACE_ID, "delivery {} is in the incoming trace", n + 1);
+            assert_eq!(s.parent_id(), PARENT_ID);
+            assert_eq!(s.int_attr("natsfn.jetstream.delivered"), Some(n as i64 + 1));
+            assert_eq!(s.int_attr("natsfn.jetstream.stream_sequence"), Some(1));
+            assert_eq!(s.str_attr("messaging.message.id"), Some("1"));
+            assert_eq!(s.str_attr("natsfn.jetstream.stream"), Some("ORDERS"));
+            assert_eq!(s.str_attr("messaging.consumer.group.name"), Some("workers"));
+            assert_eq!(s.str_attr("messaging.destination.name"), Some("orders.new"));
+            assert_eq!(s.int_attr("messaging.message.body.size"), Some(5));
+            assert_eq!(status(s).0, StatusCode::Unset, "a retry is not an error");
+        }
+        assert_eq!(deliveries[0].str_attr("natsfn.outcome"), Some("retry"));
+        assert!(!deliveries[1].has_attr("natsfn.outcome"), "the second delivery succeeded");
+        // Each attempt announced itself: a producer span under its delivery.
+        let announcements: Vec<&ReceivedSpan> =
+            spans.iter().filter(|s| s.span.name == "publish flaky.attempts").collect();
+        assert_eq!(announcements.len(), 2);
+        for d in &deliveries {
+            assert!(announcements.iter().any(|a| a.parent_id() == d.span_id()), "{:?} has its publish", d.span.name);
+        }
+    });
+    drop(collector);
+}
