@@ -579,3 +579,47 @@ fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
     });
     drop(collector);
 }
+
+/// A reused instance keeps its WASI streams from one message to the next;
+/// its output must still land in the span of the message being handled, and
+/// each span must end with its own message.
+#[test]
+fn a_reused_instance_writes_into_each_messages_own_span() {
+    let collector = runtime();
+    let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
+    let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
+    traced(pipeline, async |pipeline| {
+        let server = nats();
+        let dir = HandlerDir::new();
+        dir.add(
+            "greeter",
+            "greeter",
+            "greeter",
+            "instance = \"reuse\"\n[[trigger]]\nsubject = \"greet\"\n[limits]\nmax_concurrency = 1",
+        );
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
+        let client = client(&server).await;
+        for name in ["Ada", "Grace", "Edsger"] {
+            assert_eq!(text(&request(&client, "greet", name).await), format!("Hello, {name}!"));
+        }
+        // Exported while the host still runs: each span ended with its message.
+        let spans = receiver.wait_for("three invocations", |s| s.len() >= 3).await;
+        host.shutdown().await;
+
+        let trace_ids: HashSet<String> = spans.iter().map(ReceivedSpan::trace_id).collect();
+        assert_eq!(trace_ids.len(), 3, "each message starts its own trace");
+        for name in ["Ada", "Grace", "Edsger"] {
+            let span = spans
+                .iter()
+                .find(|s| s.span.events.iter().any(|e| e.name == format!("greeting {name}")))
+                .unwrap_or_else(|| panic!("no span has the log line for {name}"));
+            let events: Vec<&str> = span.span.events.iter().map(|e| e.name.as_str()).collect();
+            let stdout = format!("greeter stdout: {name}");
+            assert!(events.contains(&stdout.as_str()), "stdout for {name} in its own span: {events:?}");
+            assert_eq!(events.len(), 3, "only {name}'s lines: {events:?}");
+            let line = span.span.events.iter().find(|e| e.name == stdout).unwrap();
+            assert_eq!(event_attr(line, "span_id"), Some(span.span_id().as_str()));
+        }
+    });
+    drop(collector);
+}
