@@ -34,6 +34,17 @@ fn traced(pipeline: OtlpPipeline, test: impl AsyncFnOnce(&OtlpPipeline)) -> Expo
     pipeline.shutdown()
 }
 
+/// Runs `test` with a receiver in this process and a pipeline exporting to
+/// it over `protocol` (see [`traced`]), and returns the pipeline's counts.
+fn with_collector(protocol: Protocol, test: impl AsyncFnOnce(&OtlpReceiver, &OtlpPipeline)) -> ExportStats {
+    let collector = runtime();
+    let receiver = collector.block_on(OtlpReceiver::start(protocol));
+    let pipeline = pipeline(protocol, receiver.endpoint()).build().expect("build pipeline");
+    let stats = traced(pipeline, async |pipeline| test(&receiver, pipeline).await);
+    drop(collector);
+    stats
+}
+
 fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
     spans.iter().find(|s| s.span.name == name).unwrap_or_else(|| {
         let names: Vec<_> = spans.iter().map(|s| &s.span.name).collect();
@@ -54,11 +65,7 @@ fn status(s: &ReceivedSpan) -> (StatusCode, String) {
 /// queue group). One incoming traceparent; every span must land in its
 /// trace with the right parent and attributes.
 fn chain_is_one_trace(protocol: Protocol) {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(protocol));
-    let pipeline = pipeline(protocol, receiver.endpoint()).build().expect("build pipeline");
-
-    traced(pipeline, async |pipeline| {
+    with_collector(protocol, async |receiver, pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add(
@@ -146,7 +153,6 @@ fn chain_is_one_trace(protocol: Protocol) {
             assert_eq!(s.int_attr("messaging.message.body.size"), Some(5));
         }
     });
-    drop(collector);
 }
 
 #[test]
@@ -161,10 +167,7 @@ fn a_chain_of_handlers_is_one_trace_over_http() {
 
 #[test]
 fn missing_or_malformed_traceparent_starts_a_new_trace() {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
-    let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |pipeline| {
+    with_collector(Protocol::HttpProtobuf, async |receiver, pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"t.*\"");
@@ -207,15 +210,11 @@ fn missing_or_malformed_traceparent_starts_a_new_trace() {
         }
         assert_eq!(traces.len(), cases.len(), "each message started its own trace");
     });
-    drop(collector);
 }
 
 #[test]
 fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
-    let pipeline = pipeline(Protocol::Grpc, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |pipeline| {
+    with_collector(Protocol::Grpc, async |receiver, pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add("greeter", "greeter", "greeter", "[[trigger]]\nsubject = \"greet\"")
@@ -277,7 +276,6 @@ fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
         assert_eq!(denied.parent_id(), probe.span_id());
         assert_eq!(status(probe).0, StatusCode::Unset, "the guest handled the denial");
     });
-    drop(collector);
 }
 
 /// Requests `n` echoes, 16 at a time; every one must be answered.
@@ -460,10 +458,7 @@ fn bad_tracing_settings_are_reported_by_name() {
 
 #[test]
 fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
-    let pipeline = pipeline(Protocol::Grpc, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |pipeline| {
+    with_collector(Protocol::Grpc, async |receiver, pipeline| {
         let server = nats();
         let client = client(&server).await;
         let js = async_nats::jetstream::new(client.clone());
@@ -511,7 +506,6 @@ fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
             assert_eq!(denied.str_attr("natsfn.key"), Some(if name.starts_with("kv") { "k" } else { "o" }));
         }
     });
-    drop(collector);
 }
 
 /// A JetStream delivery is `process {stream}` with the durable as consumer
@@ -520,10 +514,7 @@ fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
 /// an error.
 #[test]
 fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
-    let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |pipeline| {
+    with_collector(Protocol::HttpProtobuf, async |receiver, pipeline| {
         let server = nats();
         let client = client(&server).await;
         let js = async_nats::jetstream::new(client.clone());
@@ -577,7 +568,6 @@ fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
             assert!(announcements.iter().any(|a| a.parent_id() == d.span_id()), "{:?} has its publish", d.span.name);
         }
     });
-    drop(collector);
 }
 
 /// A reused instance keeps its WASI streams from one message to the next;
@@ -585,10 +575,7 @@ fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
 /// each span must end with its own message.
 #[test]
 fn a_reused_instance_writes_into_each_messages_own_span() {
-    let collector = runtime();
-    let receiver = collector.block_on(OtlpReceiver::start(Protocol::HttpProtobuf));
-    let pipeline = pipeline(Protocol::HttpProtobuf, receiver.endpoint()).build().unwrap();
-    traced(pipeline, async |pipeline| {
+    with_collector(Protocol::HttpProtobuf, async |receiver, pipeline| {
         let server = nats();
         let dir = HandlerDir::new();
         dir.add(
@@ -621,5 +608,4 @@ fn a_reused_instance_writes_into_each_messages_own_span() {
             assert_eq!(event_attr(line, "span_id"), Some(span.span_id().as_str()));
         }
     });
-    drop(collector);
 }
