@@ -21,7 +21,7 @@
 //! - [`local_server`]: a child `nats-server` for development and tests.
 //! - [`telemetry`]: OpenTelemetry tracing (OTLP export, W3C trace context
 //!   in NATS headers) and log output setup for the binary.
-//! - [`bench`]: natsfn against a native async-nats handler, same server,
+//! - [`bench`](mod@bench): natsfn against a native async-nats handler, same server,
 //!   same run (`natsfn bench`, and the `scenarios` benchmark).
 //! - [`cli`]: the `natsfn` command line.
 //!

@@ -4,7 +4,7 @@
 //! (`instance = "reuse"`, see [`InstanceMode`]; fresh per message otherwise).
 //!
 //! Parsing is two steps. Serde reads the file into `Raw*` structs that mirror
-//! the TOML (unknown fields are rejected there), then [`Manifest::from_raw`]
+//! the TOML (unknown fields are rejected there), then `Manifest::from_raw`
 //! checks every value and turns strings into types, naming the file and the
 //! field (`trigger[1].subject`) of the first problem it finds. Nothing past
 //! this module sees an unchecked manifest.

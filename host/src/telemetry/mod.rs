@@ -24,7 +24,7 @@ mod otlp;
 mod propagation;
 mod spans;
 
-pub use otlp::{ExportStats, Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError};
+pub use otlp::{ExportStats, Otlp, OtlpPipeline, Protocol, Sampler, TelemetryError, DEFAULT_MAX_QUEUE_SIZE};
 pub(crate) use propagation::{parent_context, strip_trace_headers};
 pub use spans::Tracer;
 pub(crate) use spans::{current, Trace};
