@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set-up, formatting, lints (host and
-# guests, warnings are errors), guest build, then every test against real
-# nats-server processes.
+# guests, warnings are errors), API docs (broken links are errors), guest
+# build, then every test against real nats-server processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/setup.sh
@@ -15,6 +15,9 @@ echo "== guests"
 
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== docs"
+RUSTDOCFLAGS="-D warnings" cargo doc -p natsfn --no-deps
 
 echo "== tests"
 cargo build --workspace --all-targets
