@@ -230,17 +230,25 @@ fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
                 "forbidden",
                 "forbidden",
                 "[[trigger]]\nsubject = \"probe\"\n[permissions]\npublish = [\"allowed.>\"]\n[config]\ntarget = \"secret.stuff\"\nallowed = \"allowed.ok\"",
-            );
+            )
+            // No `upstream` configured: the handler fails.
+            .add("relay", "relay", "relay", "[[trigger]]\nsubject = \"f\"")
+            .add("attacker", "attacker", "attacker", "[[trigger]]\nsubject = \"m\"\n[limits]\nmemory_mb = 16");
         let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
         let client = client(&server).await;
 
         assert_eq!(text(&request(&client, "greet", "Ada").await), "Hello, Ada!");
         assert_eq!(text(&request(&client, "probe", "publish").await), "permission-denied: publish to secret.stuff");
-        for subject in ["p", "s"] {
-            let req = async_nats::Request::new().payload("panic".into()).timeout(Some(Duration::from_secs(3)));
-            assert!(client.send_request(subject, req).await.is_err(), "{subject} sends no reply");
+        // None of these replies; wait for all of them at once.
+        let unanswered = [("p", "panic"), ("s", "wait"), ("f", "fail"), ("m", "membomb")].map(|(subject, payload)| {
+            let req = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_secs(3)));
+            let client = client.clone();
+            async move { (subject, client.send_request(subject, req).await.is_err()) }
+        });
+        for (subject, no_reply) in futures::future::join_all(unanswered).await {
+            assert!(no_reply, "{subject} sends no reply");
         }
-        let spans = receiver.wait_for("the five spans", |s| s.len() >= 5).await;
+        let spans = receiver.wait_for("the seven spans", |s| s.len() >= 7).await;
         host.shutdown().await;
 
         let greet = find(&spans, "process greet");
@@ -268,6 +276,20 @@ fn outcomes_set_the_status_and_guest_output_becomes_span_events() {
         let timeout = find(&spans, "process s");
         assert_eq!(status(timeout), (StatusCode::Error, "handler stopped at its deadline of 200 ms".into()));
         assert_eq!(timeout.str_attr("error.type"), Some("timeout"));
+
+        let failed = find(&spans, "process f");
+        assert_eq!(status(failed), (StatusCode::Error, "handler failed: config key upstream is not set".into()));
+        assert_eq!(failed.str_attr("error.type"), Some("fail"));
+        assert_eq!(failed.str_attr("natsfn.outcome"), Some("fail"));
+
+        let bomb = find(&spans, "process m");
+        assert_eq!(
+            status(bomb),
+            (StatusCode::Error, "handler trapped after reaching its memory limit of 16 MiB".into())
+        );
+        assert_eq!(bomb.str_attr("error.type"), Some("memory_limit"));
+        let exception = bomb.span.events.iter().find(|e| e.name == "exception").expect("an exception event");
+        assert_eq!(event_attr(exception, "exception.type"), Some("memory_limit"));
 
         let denied = find(&spans, "publish secret.stuff");
         assert_eq!(status(denied).0, StatusCode::Error);
@@ -352,6 +374,9 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
 /// traces, names the service, and flushes the last spans on SIGTERM (the
 /// batch schedule is set to a minute, so only the shutdown flush can have
 /// delivered them).
+/// The binary: `OTEL_*` variables configure export and sampling, spans are
+/// flushed on shutdown, and a guest's log line reaches the host log with the
+/// trace and span ids of its invocation.
 #[test]
 fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
     use std::io::{BufRead, BufReader};
@@ -361,7 +386,12 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
     let receiver = collector.block_on(OtlpReceiver::start(Protocol::Grpc));
     let server = nats();
     let dir = HandlerDir::new();
-    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"bin.echo\"");
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"bin.echo\"").add(
+        "greeter",
+        "greeter",
+        "greeter",
+        "[[trigger]]\nsubject = \"bin.greet\"",
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_natsfn-cli"))
         .args(["run", "--handlers", dir.path().to_str().unwrap()])
         .args(["--nats", &server.url()])
@@ -369,9 +399,13 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         .env("OTEL_SERVICE_NAME", "orders")
         .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
+        // New traces are never sampled; those the caller sampled always are.
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0")
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn natsfn");
     let (tx, lines) = std::sync::mpsc::channel();
@@ -381,6 +415,8 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
             let _ = tx.send(line);
         }
     });
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.contains("natsfn: ready")) {
         match lines.recv_timeout(Duration::from_secs(60)) {
@@ -396,6 +432,10 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
     collector.block_on(async {
         let client = client(&server).await;
         assert_eq!(text(&request(&client, "bin.echo", "hi").await), "hi");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let req = async_nats::Request::new().headers(headers).payload("Ada".into());
+        assert_eq!(text(&client.send_request("bin.greet", req).await.unwrap()), "Hello, Ada!");
     });
     assert!(receiver.spans().is_empty(), "nothing exported before shutdown");
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -404,9 +444,17 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
     assert_eq!(status.code(), Some(0));
 
     let spans = receiver.spans();
-    assert_eq!(spans.len(), 1, "{spans:?}");
-    assert_eq!(spans[0].span.name, "process bin.echo");
-    assert_eq!(spans[0].service_name.as_deref(), Some("orders"));
+    assert_eq!(spans.len(), 1, "only the caller-sampled invocation is recorded: {spans:?}");
+    let greet = &spans[0];
+    assert_eq!(greet.span.name, "process bin.greet");
+    assert_eq!(greet.trace_id(), TRACE_ID);
+    assert_eq!(greet.service_name.as_deref(), Some("orders"));
+
+    let log = log.join().unwrap();
+    let line = log.iter().find(|l| l.contains("greeting Ada")).unwrap_or_else(|| panic!("no guest line in {log:?}"));
+    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
+    assert!(line.contains(&format!("span_id={}", greet.span_id())), "{line}");
+    assert!(line.contains("handler=greeter"), "{line}");
     drop(collector);
 }
 

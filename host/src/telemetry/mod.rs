@@ -29,6 +29,8 @@ pub(crate) use propagation::{parent_context, strip_trace_headers};
 pub use spans::Tracer;
 pub(crate) use spans::{current, Trace};
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -38,10 +40,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub const SEMCONV_SCHEMA_URL: &str = opentelemetry_semantic_conventions::SCHEMA_URL;
 
 /// Installs the global subscriber: human-readable lines on stderr filtered
-/// by `RUST_LOG` (default `default_filter`). Returns whether this call
+/// by `RUST_LOG` (default `default_filter`), coloured only when stderr is a
+/// terminal. Returns whether this call
 /// installed it (false when a subscriber was already set).
 pub fn init(default_filter: &str) -> bool {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // Colour only for a person at a terminal: log files and collectors
+    // reading a pipe would get escape codes in every field.
+    let ansi = std::io::stderr().is_terminal();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
     tracing_subscriber::registry().with(fmt).try_init().is_ok()
 }
