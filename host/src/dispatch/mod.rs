@@ -539,8 +539,6 @@ impl Dispatcher {
                     let mut s = span::InvocationSpan::new(&handler, &received.msg.message, &origin);
                     if let Some(meta) = &received.meta {
                         s = s.jetstream(span::JetStreamMeta {
-                            stream: &meta.stream,
-                            consumer: &meta.consumer,
                             stream_sequence: meta.stream_sequence,
                             delivered: meta.delivered,
                         });

@@ -34,17 +34,31 @@ pub(crate) struct Origin {
     /// also the destination template. Without wildcards it would only
     /// repeat the subject, and every attribute is shipped per message.
     wildcard_pattern: Option<StringValue>,
-    /// The queue group: `messaging.consumer.group.name`.
+    /// The queue group or the durable: `messaging.consumer.group.name`.
     group: Option<StringValue>,
+    /// The stream, for a JetStream binding.
+    stream: Option<StringValue>,
 }
 
 impl Origin {
+    /// A core subscription to `subscription`, in queue `group` if any.
     pub(crate) fn subject(subscription: String, group: Option<String>) -> Origin {
+        Origin::named(format!("process {subscription}"), subscription, group, None)
+    }
+
+    /// A JetStream consumer `durable` on `stream`, filtered by
+    /// `subscription`: the span is named after the stream.
+    pub(crate) fn jetstream(stream: &str, subscription: String, durable: &str) -> Origin {
+        Origin::named(format!("process {stream}"), subscription, Some(durable.to_owned()), Some(stream))
+    }
+
+    fn named(name: String, subscription: String, group: Option<String>, stream: Option<&str>) -> Origin {
         let wildcard = subscription.split('.').any(|token| token == "*" || token == ">");
         Origin {
-            name: format!("process {subscription}"),
+            name,
             wildcard_pattern: wildcard.then(|| StringValue::from(subscription)),
             group: group.map(StringValue::from),
+            stream: stream.map(|s| StringValue::from(s.to_owned())),
         }
     }
 }
@@ -68,13 +82,10 @@ impl HandlerValues {
     }
 }
 
-/// JetStream delivery data of a message, for the JetStream trigger.
+/// JetStream delivery data of a message (the stream and the durable are
+/// the binding's, in [`Origin`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct JetStreamMeta<'a> {
-    /// The stream: it names the span (`process {stream}`).
-    pub(crate) stream: &'a str,
-    /// The durable consumer: the consumer group.
-    pub(crate) consumer: &'a str,
+pub(crate) struct JetStreamMeta {
     /// The message's sequence in the stream: `messaging.message.id`.
     pub(crate) stream_sequence: u64,
     /// How many times it has been delivered, this time included.
@@ -88,7 +99,7 @@ pub(crate) struct InvocationSpan<'a> {
     origin: &'a Origin,
     body_size: usize,
     headers: Option<&'a HeaderMap>,
-    jetstream: Option<JetStreamMeta<'a>>,
+    jetstream: Option<JetStreamMeta>,
 }
 
 impl<'a> InvocationSpan<'a> {
@@ -104,9 +115,8 @@ impl<'a> InvocationSpan<'a> {
         }
     }
 
-    /// Adds JetStream delivery data: the span is then named after the
-    /// stream, and the durable is the consumer group.
-    pub(crate) fn jetstream(mut self, meta: JetStreamMeta<'a>) -> Self {
+    /// Adds JetStream delivery data.
+    pub(crate) fn jetstream(mut self, meta: JetStreamMeta) -> Self {
         self.jetstream = Some(meta);
         self
     }
@@ -114,7 +124,6 @@ impl<'a> InvocationSpan<'a> {
     /// Starts the span, parented on the message's trace context.
     pub(crate) fn start(self, tracer: &Tracer) -> Trace {
         let values = &self.handler.span_values;
-        let js = self.jetstream;
         let mut attributes = Vec::with_capacity(16);
         attributes.extend([
             KeyValue::new(MESSAGING_SYSTEM, "nats"),
@@ -127,29 +136,25 @@ impl<'a> InvocationSpan<'a> {
             KeyValue::new(HANDLER_VERSION, Value::String(values.version.clone())),
             KeyValue::new(TENANT, Value::String(values.tenant.clone())),
         ]);
-        if let Some(pattern) = &self.origin.wildcard_pattern {
+        let origin = self.origin;
+        if let Some(pattern) = &origin.wildcard_pattern {
             attributes.push(KeyValue::new(SUBSCRIPTION_NAME, Value::String(pattern.clone())));
             attributes.push(KeyValue::new(DESTINATION_TEMPLATE, Value::String(pattern.clone())));
         }
-        let name = match js {
-            Some(j) => {
-                attributes.extend([
-                    KeyValue::new(CONSUMER_GROUP, j.consumer.to_owned()),
-                    KeyValue::new(MESSAGE_ID, j.stream_sequence.to_string()),
-                    KeyValue::new(JS_STREAM, j.stream.to_owned()),
-                    KeyValue::new(JS_SEQUENCE, j.stream_sequence as i64),
-                    KeyValue::new(JS_DELIVERED, j.delivered as i64),
-                ]);
-                format!("process {}", j.stream)
-            }
-            None => {
-                if let Some(group) = &self.origin.group {
-                    attributes.push(KeyValue::new(CONSUMER_GROUP, Value::String(group.clone())));
-                }
-                self.origin.name.clone()
-            }
-        };
-        tracer.start(name, SpanKind::Consumer, attributes, &telemetry::parent_context(self.headers))
+        if let Some(group) = &origin.group {
+            attributes.push(KeyValue::new(CONSUMER_GROUP, Value::String(group.clone())));
+        }
+        if let Some(stream) = &origin.stream {
+            attributes.push(KeyValue::new(JS_STREAM, Value::String(stream.clone())));
+        }
+        if let Some(js) = self.jetstream {
+            attributes.extend([
+                KeyValue::new(MESSAGE_ID, js.stream_sequence.to_string()),
+                KeyValue::new(JS_SEQUENCE, js.stream_sequence as i64),
+                KeyValue::new(JS_DELIVERED, js.delivered as i64),
+            ]);
+        }
+        tracer.start(origin.name.clone(), SpanKind::Consumer, attributes, &telemetry::parent_context(self.headers))
     }
 }
 

@@ -61,7 +61,7 @@ pub(super) async fn bind(
     // Spans name JetStream invocations after the stream; the filter is the
     // subscription, and the durable the consumer group.
     let subscription = trigger.filters.first().map_or_else(|| trigger.stream.to_string(), ToString::to_string);
-    let origin = Arc::new(Origin::subject(subscription, Some(trigger.durable.to_string())));
+    let origin = Arc::new(Origin::jetstream(trigger.stream.as_str(), subscription, trigger.durable.as_str()));
     let trigger = Arc::new(trigger.clone());
     Ok(tokio::spawn(pull_loop(consumer, trigger, origin, slot, dispatcher, shutdown)))
 }
