@@ -374,11 +374,42 @@ fn a_down_or_hung_collector_never_holds_up_handlers() {
 /// traces, names the service, and flushes the last spans on SIGTERM (the
 /// batch schedule is set to a minute, so only the shutdown flush can have
 /// delivered them).
-/// The binary: `OTEL_*` variables configure export and sampling, spans are
-/// flushed on shutdown, and a guest's log line reaches the host log with the
-/// trace and span ids of its invocation.
+/// The binary: `OTEL_*` variables, or the same settings as flags, configure
+/// export and sampling; spans are flushed on shutdown; and a guest's log line
+/// reaches the host log with the trace and span ids of its invocation.
 #[test]
 fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
+    traced_binary(|receiver| {
+        (
+            vec![],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.to_owned()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+                // New traces are never sampled; those the caller sampled always are.
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+                ("OTEL_TRACES_SAMPLER_ARG", "0".to_owned()),
+            ],
+        )
+    });
+}
+
+#[test]
+fn the_binary_takes_the_same_tracing_settings_as_flags() {
+    traced_binary(|receiver| {
+        let flags = [
+            ("--otlp-endpoint", receiver),
+            ("--otlp-protocol", "grpc"),
+            ("--trace-sampler", "parentbased_traceidratio"),
+            ("--trace-sampler-arg", "0"),
+        ];
+        (flags.iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]).collect(), vec![])
+    });
+}
+
+/// Runs `natsfn run` with the tracing settings `settings` returns for the
+/// receiver's endpoint (flags, environment variables). The settings must
+/// export over gRPC and never sample new traces.
+fn traced_binary(settings: impl FnOnce(&str) -> (Vec<String>, Vec<(&'static str, String)>)) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
@@ -392,16 +423,14 @@ fn the_binary_traces_from_otel_variables_and_flushes_on_shutdown() {
         "greeter",
         "[[trigger]]\nsubject = \"bin.greet\"",
     );
+    let (flags, vars) = settings(receiver.endpoint());
     let mut child = Command::new(env!("CARGO_BIN_EXE_natsfn-cli"))
         .args(["run", "--handlers", dir.path().to_str().unwrap()])
         .args(["--nats", &server.url()])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .args(flags)
+        .envs(vars)
         .env("OTEL_SERVICE_NAME", "orders")
         .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
-        // New traces are never sampled; those the caller sampled always are.
-        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
-        .env("OTEL_TRACES_SAMPLER_ARG", "0")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
