@@ -407,7 +407,11 @@ async fn run(args: RunArgs, tracer: Option<Tracer>) -> ExitCode {
     if report.clean {
         ExitCode::SUCCESS
     } else {
-        eprintln!("natsfn: shutdown abandoned {} invocations at the deadline", report.abandoned);
+        if report.abandoned > 0 {
+            eprintln!("natsfn: shutdown abandoned {} invocations at the deadline", report.abandoned);
+        } else {
+            eprintln!("natsfn: shutdown was not clean: NATS did not confirm the last messages (see the log)");
+        }
         ExitCode::from(1)
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::buckets::BucketSpec;
 use crate::dispatch::{Dispatcher, HandlerStats, LoadedHandler};
 use crate::engine::{CacheOutcome, Engine, EngineError};
-use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT};
+use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT, FLUSH_TIMEOUT};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
 use crate::registry::{Binding, HandlerSlot};
 use crate::reload::{Entry, HandlerKey, Registry, ReloadError, ReloadReport, Reloader};
@@ -771,8 +771,17 @@ impl RunningHost {
         // client's buffer: push them out before letting go.
         // Client::drain closes without waiting for buffered publishes, so
         // flush first: the PONG proves the server has every reply and ack.
-        if !self.dispatcher.flush().await {
-            clean = false;
+        // Both are bounded: a server that is gone never answers.
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.dispatcher.flush()).await {
+            Ok(true) => {}
+            Ok(false) => clean = false,
+            Err(_) => {
+                tracing::warn!(
+                    "NATS did not confirm the last messages within {FLUSH_TIMEOUT:?}; replies and acks sent \
+                     just before shutdown may be lost (JetStream messages are redelivered)"
+                );
+                clean = false;
+            }
         }
         let mut owned =
             self.dispatcher.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).owned_connections();
@@ -780,8 +789,10 @@ impl RunningHost {
             owned.push(nats.clone());
         }
         for nats in owned {
-            if let Err(e) = nats.drain().await {
-                tracing::warn!("cannot drain a NATS connection on shutdown: {e}");
+            match tokio::time::timeout(FLUSH_TIMEOUT, nats.drain()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("cannot drain a NATS connection on shutdown: {e}"),
+                Err(_) => tracing::warn!("a NATS connection did not drain within {FLUSH_TIMEOUT:?}; closing it"),
             }
         }
         tracing::info!(abandoned, clean, "natsfn stopped");

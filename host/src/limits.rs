@@ -38,6 +38,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// How long shutdown waits for in-flight invocations before abandoning them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for NATS to confirm the last messages (the flush)
+/// and then for each connection to drain. A healthy server answers in
+/// milliseconds; one that is gone never does, and must not keep the process
+/// from exiting.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The longest guest log line or stdout line kept; the rest is cut off so a
 /// guest cannot fill the host log with one write.
 pub const MAX_LOG_LINE: usize = 16 * 1024;

@@ -67,6 +67,23 @@ async fn a_killed_host_takes_its_own_server_with_it() {
     }
 }
 
+/// A host whose NATS server has gone away still stops when asked: it does
+/// not wait for a flush or a drain that no server will ever confirm, and it
+/// says the shutdown was not clean (exit 1), since the last replies may be lost.
+#[tokio::test]
+async fn a_host_whose_server_is_gone_still_shuts_down() {
+    let server = nats();
+    let dir = quickstart_like_dir();
+    let mut natsfn =
+        Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()], &[]);
+    natsfn.wait_for(&["natsfn: ready"]);
+    drop(server);
+    natsfn.wait_for(&["disconnected"]);
+    natsfn.signal("-TERM");
+    assert_eq!(natsfn.wait_exit(), 1);
+    natsfn.wait_for(&["the last messages"]);
+}
+
 #[tokio::test]
 async fn guest_logs_and_stdio_are_tagged_with_handler_and_tenant() {
     let server = nats();

@@ -44,6 +44,12 @@ pub(super) async fn bind(
                 m = sub.next() => m,
                 () = shutdown.cancelled(), if !draining => {
                     draining = true;
+                    // A drain ends when the server confirms it; with no
+                    // server nothing more can arrive, and it would only
+                    // hold shutdown up until the deadline.
+                    if nats.connection_state() != async_nats::connection::State::Connected {
+                        break;
+                    }
                     if let Err(e) = sub.drain().await {
                         tracing::warn!(subject = %label, "cannot drain subscription: {e}");
                         break;
