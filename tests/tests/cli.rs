@@ -37,6 +37,14 @@ async fn run_with_own_server(dir: &HandlerDir, name: &str) -> (Natsfn, String) {
     (natsfn, port)
 }
 
+/// Runs `natsfn run` on `dir` against `server` and waits until it serves.
+fn run_against(server: &NatsServer, dir: &HandlerDir) -> Natsfn {
+    let mut natsfn =
+        Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()], &[]);
+    natsfn.wait_for(&["natsfn: ready"]);
+    natsfn
+}
+
 #[tokio::test]
 async fn without_nats_flag_it_starts_and_stops_its_own_server() {
     let dir = quickstart_like_dir();
@@ -74,9 +82,7 @@ async fn a_killed_host_takes_its_own_server_with_it() {
 async fn a_host_whose_server_is_gone_still_shuts_down() {
     let server = nats();
     let dir = quickstart_like_dir();
-    let mut natsfn =
-        Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()], &[]);
-    natsfn.wait_for(&["natsfn: ready"]);
+    let mut natsfn = run_against(&server, &dir);
     drop(server);
     natsfn.wait_for(&["disconnected"]);
     natsfn.signal("-TERM");
@@ -88,9 +94,7 @@ async fn a_host_whose_server_is_gone_still_shuts_down() {
 async fn guest_logs_and_stdio_are_tagged_with_handler_and_tenant() {
     let server = nats();
     let dir = quickstart_like_dir();
-    let mut natsfn =
-        Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()], &[]);
-    natsfn.wait_for(&["natsfn: ready"]);
+    let mut natsfn = run_against(&server, &dir);
     let client = client(&server).await;
     assert_eq!(text(&request(&client, "cli.greet", "logger").await), "Hi, logger!");
 
@@ -109,9 +113,7 @@ async fn guest_logs_and_stdio_are_tagged_with_handler_and_tenant() {
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let server = nats();
     let dir = quickstart_like_dir();
-    let mut natsfn =
-        Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap(), "--nats", &server.url()], &[]);
-    natsfn.wait_for(&["natsfn: ready"]);
+    let mut natsfn = run_against(&server, &dir);
     let client = client(&server).await;
 
     let pending: Vec<_> = (0..3)
