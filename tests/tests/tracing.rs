@@ -647,6 +647,55 @@ fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
     });
 }
 
+/// `jetstream-publish` is a producer span under the invocation, and the
+/// message it stores carries that span's context, so whoever consumes the
+/// stream later continues the trace.
+#[test]
+fn a_jetstream_publish_is_a_producer_span_whose_context_is_stored_with_the_message() {
+    with_collector(Protocol::HttpProtobuf, async |receiver, pipeline| {
+        let server = nats();
+        let client = client(&server).await;
+        let js = async_nats::jetstream::new(client.clone());
+        for (name, subject) in [("JOBS", "jobs.>"), ("RESULTS", "results.>")] {
+            let config = async_nats::jetstream::stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                ..Default::default()
+            };
+            js.create_stream(config).await.unwrap();
+        }
+        let dir = HandlerDir::new();
+        dir.add(
+            "worker",
+            "worker",
+            "jsworker",
+            "[[trigger]]\njetstream = { stream = \"JOBS\", durable = \"workers\" }\n\
+             [permissions]\npublish = [\"results.done\"]\n[config]\nresults = \"results.done\"",
+        );
+        let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
+
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        js.publish_with_headers("jobs.new", headers, "job".into()).await.unwrap().await.unwrap();
+        let spans = receiver.wait_for("the invocation and its publish", |s| s.len() >= 2).await;
+        host.shutdown().await;
+
+        let process = find(&spans, "process JOBS");
+        let publish = find(&spans, "publish results.done");
+        assert_eq!(kind(publish), SpanKind::Producer);
+        assert_eq!(publish.trace_id(), TRACE_ID);
+        assert_eq!(publish.parent_id(), process.span_id());
+        assert_eq!(publish.str_attr("messaging.operation.name"), Some("jetstream.publish"));
+        assert_eq!(publish.str_attr("messaging.message.id"), Some("JOBS-1"));
+        assert_eq!(status(publish).0, StatusCode::Unset);
+
+        let results = js.get_stream("RESULTS").await.unwrap();
+        let stored = results.get_last_raw_message_by_subject("results.done").await.unwrap();
+        let traceparent = stored.headers.get("traceparent").map(|v| v.as_str().to_owned());
+        assert_eq!(traceparent, Some(format!("00-{TRACE_ID}-{}-01", publish.span_id())));
+    });
+}
+
 /// A reused instance keeps its WASI streams from one message to the next;
 /// its output must still land in the span of the message being handled, and
 /// each span must end with its own message.
