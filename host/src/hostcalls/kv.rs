@@ -65,7 +65,7 @@ impl Host for Invocation {
     async fn get(&mut self, bucket: String, key: String) -> Result<Option<Entry>, CallError> {
         let span = self.bucket_span("kv.get", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Read).await?;
             let entry = store.entry(key).await.map_err(unavailable)?;
             Ok(entry.filter(|e| e.operation == Operation::Put).map(to_wit))
@@ -76,7 +76,7 @@ impl Host for Invocation {
     async fn put(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<u64, CallError> {
         let span = self.bucket_span("kv.put", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
             this.payload_fits(value.len())?;
             Ok(store.put(key, value.into()).await.map_err(unavailable)?)
@@ -87,7 +87,7 @@ impl Host for Invocation {
     async fn create(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<u64, CallError> {
         let span = self.bucket_span("kv.create", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
             this.payload_fits(value.len())?;
             match store.create(&key, value.into()).await {
@@ -104,7 +104,7 @@ impl Host for Invocation {
     async fn update(&mut self, bucket: String, key: String, value: Vec<u8>, expected: u64) -> Result<u64, CallError> {
         let span = self.bucket_span("kv.update", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
             this.payload_fits(value.len())?;
             match store.update(&key, value.into(), expected).await {
@@ -121,7 +121,7 @@ impl Host for Invocation {
     async fn delete(&mut self, bucket: String, key: String) -> Result<(), CallError> {
         let span = self.bucket_span("kv.delete", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
             Ok(store.delete(key).await.map_err(unavailable)?)
         })
@@ -131,7 +131,7 @@ impl Host for Invocation {
     async fn purge(&mut self, bucket: String, key: String) -> Result<(), CallError> {
         let span = self.bucket_span("kv.purge", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Write).await?;
             Ok(store.purge(key).await.map_err(unavailable)?)
         })
@@ -141,7 +141,7 @@ impl Host for Invocation {
     async fn keys(&mut self, bucket: String, filter: Option<String>) -> Result<Vec<String>, CallError> {
         let span = self.bucket_span("kv.keys", &bucket, None);
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let filter: Option<SubjectPattern> =
                 filter.map(|f| f.parse().map_err(|e| WitError::Invalid(format!("key filter: {e}")))).transpose()?;
             let store = this.kv_store(&bucket, None, Access::Read).await?;
@@ -158,7 +158,7 @@ impl Host for Invocation {
     async fn history(&mut self, bucket: String, key: String, max: u32) -> Result<Vec<Entry>, CallError> {
         let span = self.bucket_span("kv.history", &bucket, Some(&key));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.kv_store(&bucket, Some(&key), Access::Read).await?;
             let all: Vec<kv::Entry> =
                 store.history(key).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;

@@ -89,7 +89,7 @@ impl Host for Invocation {
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
         let span = self.message_span("publish", SpanKind::Producer, &subject, payload.len(), None);
-        in_span(span.clone(), self.publish_in(span.as_ref(), subject, headers, payload)).await
+        in_span(span.as_ref(), self.publish_in(span.as_ref(), subject, headers, payload)).await
     }
 
     async fn request(
@@ -100,7 +100,7 @@ impl Host for Invocation {
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
         let span = self.message_span("request", SpanKind::Client, &subject, payload.len(), None);
-        in_span(span.clone(), self.request_in(span.as_ref(), subject, headers, payload, timeout_ms)).await
+        in_span(span.as_ref(), self.request_in(span.as_ref(), subject, headers, payload, timeout_ms)).await
     }
 
     async fn jetstream_publish(
@@ -112,7 +112,7 @@ impl Host for Invocation {
     ) -> Result<u64, CallError> {
         let span =
             self.message_span("jetstream.publish", SpanKind::Producer, &subject, payload.len(), msg_id.as_deref());
-        in_span(span.clone(), self.jetstream_publish_in(span.as_ref(), subject, headers, payload, msg_id)).await
+        in_span(span.as_ref(), self.jetstream_publish_in(span.as_ref(), subject, headers, payload, msg_id)).await
     }
 }
 

@@ -113,12 +113,12 @@ impl Invocation {
 /// Runs a host call in `span` (ended when it returns), and marks the span
 /// failed when the guest gets an error back.
 pub(crate) async fn in_span<T>(
-    span: Option<Trace>,
+    span: Option<&Trace>,
     call: impl std::future::Future<Output = Result<T, CallError>>,
 ) -> Result<T, CallError> {
     let result = call.await;
     if let Some(span) = span {
-        record_call_error(&span, &result);
+        record_call_error(span, &result);
         span.end();
     }
     result

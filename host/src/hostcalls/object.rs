@@ -99,7 +99,7 @@ impl Host for Invocation {
     async fn get(&mut self, bucket: String, name: String) -> Result<Vec<u8>, CallError> {
         let span = self.bucket_span("object.get", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
             let mut object =
                 store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
@@ -116,7 +116,7 @@ impl Host for Invocation {
     async fn put(&mut self, bucket: String, name: String, data: Vec<u8>) -> Result<ObjectInfo, CallError> {
         let span = self.bucket_span("object.put", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
             this.payload_fits(data.len())?;
             let info = store.put(name.as_str(), &mut data.as_slice()).await.map_err(unavailable)?;
@@ -128,7 +128,7 @@ impl Host for Invocation {
     async fn delete(&mut self, bucket: String, name: String) -> Result<(), CallError> {
         let span = self.bucket_span("object.delete", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
             store.delete(&name).await.map_err(|e| not_found_or(e, object_store::DeleteErrorKind::NotFound))?;
             Ok(())
@@ -139,7 +139,7 @@ impl Host for Invocation {
     async fn info(&mut self, bucket: String, name: String) -> Result<ObjectInfo, CallError> {
         let span = self.bucket_span("object.info", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
             let info = store.info(&name).await.map_err(|e| not_found_or(e, object_store::InfoErrorKind::NotFound))?;
             Ok(info_to_wit(&info))
@@ -150,7 +150,7 @@ impl Host for Invocation {
     async fn list(&mut self, bucket: String) -> Result<Vec<ObjectInfo>, CallError> {
         let span = self.bucket_span("object.list", &bucket, None);
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, None, Access::Read).await?;
             let all: Vec<NatsObjectInfo> =
                 store.list().await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
@@ -162,7 +162,7 @@ impl Host for Invocation {
     async fn open_reader(&mut self, bucket: String, name: String) -> Result<Resource<ObjectReader>, CallError> {
         let span = self.bucket_span("object.open_reader", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Read).await?;
             let object = store.get(&name).await.map_err(|e| not_found_or(e, object_store::GetErrorKind::NotFound))?;
             let reader = this.table.push(ObjectReader { object }).map_err(|e| unavailable(format!("reader: {e}")))?;
@@ -174,7 +174,7 @@ impl Host for Invocation {
     async fn open_writer(&mut self, bucket: String, name: String) -> Result<Resource<ObjectWriter>, CallError> {
         let span = self.bucket_span("object.open_writer", &bucket, Some(&name));
         let this = &mut *self;
-        in_span(span, async move {
+        in_span(span.as_ref(), async move {
             let store = this.object_store(&bucket, Some(&name), Access::Write).await?;
             let (tx, rx) = mpsc::channel(WRITER_QUEUE);
             let upload = tokio::spawn(async move {
