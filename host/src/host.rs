@@ -772,16 +772,8 @@ impl RunningHost {
         // Client::drain closes without waiting for buffered publishes, so
         // flush first: the PONG proves the server has every reply and ack.
         // Both are bounded: a server that is gone never answers.
-        match tokio::time::timeout(FLUSH_TIMEOUT, self.dispatcher.flush()).await {
-            Ok(true) => {}
-            Ok(false) => clean = false,
-            Err(_) => {
-                tracing::warn!(
-                    "NATS did not confirm the last messages within {FLUSH_TIMEOUT:?}; replies and acks sent \
-                     just before shutdown may be lost (JetStream messages are redelivered)"
-                );
-                clean = false;
-            }
+        if !self.dispatcher.flush().await {
+            clean = false;
         }
         let mut owned =
             self.dispatcher.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).owned_connections();

@@ -38,10 +38,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// How long shutdown waits for in-flight invocations before abandoning them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long shutdown waits for NATS to confirm the last messages (the flush)
-/// and then for each connection to drain. A healthy server answers in
-/// milliseconds; one that is gone never does, and must not keep the process
-/// from exiting.
+/// How long the host waits for NATS to confirm a flush (at start, after a
+/// reload binds new subscriptions, and for the last messages at shutdown)
+/// and, at shutdown, for each connection to drain. A healthy server answers
+/// in milliseconds; one that is gone never does, and must not hold up a
+/// reload or keep the process from exiting.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest guest log line or stdout line kept; the rest is cut off so a

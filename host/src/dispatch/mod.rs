@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
 use crate::hostcalls::{Decision, Invocation, JetStreamAck};
+use crate::limits::FLUSH_TIMEOUT;
 use crate::manifest::{InstanceMode, JetStreamTrigger, Manifest};
 use crate::telemetry::{Trace, Tracer};
 use crate::tenant::{Tenant, Tenants};
@@ -480,16 +481,24 @@ impl Dispatcher {
         Admission { _handler: handler_permit, slot: Some(pool::InstanceSlot { _tenant: tenant, _host: instance }) }
     }
 
-    /// Flushes every tenant's connection, so what invocations sent is on
-    /// the server. Returns whether every flush succeeded.
+    /// Flushes every tenant's connection, so what invocations sent (and
+    /// new subscriptions) are on the server. Returns whether every flush was
+    /// confirmed within [`FLUSH_TIMEOUT`]: a server that is gone never
+    /// confirms, and must not hold up shutdown or a reload.
     pub(crate) async fn flush(&self) -> bool {
         let connections = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).connections();
+        let flushes = futures::future::join_all(connections.iter().map(async_nats::Client::flush));
+        let Ok(results) = tokio::time::timeout(FLUSH_TIMEOUT, flushes).await else {
+            tracing::warn!(
+                "NATS did not confirm a flush within {FLUSH_TIMEOUT:?}; messages sent just before may not have \
+                 reached the server (JetStream messages are redelivered)"
+            );
+            return false;
+        };
         let mut ok = true;
-        for nats in connections {
-            if let Err(e) = nats.flush().await {
-                tracing::warn!("cannot flush a NATS connection: {e}");
-                ok = false;
-            }
+        for e in results.into_iter().filter_map(Result::err) {
+            tracing::warn!("cannot flush a NATS connection: {e}");
+            ok = false;
         }
         ok
     }
