@@ -45,6 +45,14 @@ fn with_collector(protocol: Protocol, test: impl AsyncFnOnce(&OtlpReceiver, &Otl
     stats
 }
 
+/// Headers carrying a sampled `traceparent` in [`TRACE_ID`], as a caller
+/// that traces would send.
+fn incoming_trace() -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+    headers
+}
+
 fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
     spans.iter().find(|s| s.span.name == name).unwrap_or_else(|| {
         let names: Vec<_> = spans.iter().map(|s| &s.span.name).collect();
@@ -91,8 +99,7 @@ fn chain_is_one_trace(protocol: Protocol) {
             host.stats().into_iter().map(|(h, _)| (h.name.to_string(), h.version)).collect();
         let client = client(&server).await;
 
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let mut headers = incoming_trace();
         headers.insert("tracestate", "vendor=abc");
         client.publish_with_headers("chain.a", headers, "hello".into()).await.unwrap();
         client.flush().await.unwrap();
@@ -461,8 +468,7 @@ fn traced_binary(settings: impl FnOnce(&str) -> (Vec<String>, Vec<(&'static str,
     collector.block_on(async {
         let client = client(&server).await;
         assert_eq!(text(&request(&client, "bin.echo", "hi").await), "hi");
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let headers = incoming_trace();
         let req = async_nats::Request::new().headers(headers).payload("Ada".into());
         assert_eq!(text(&client.send_request("bin.greet", req).await.unwrap()), "Hello, Ada!");
     });
@@ -552,8 +558,7 @@ fn kv_and_object_calls_are_client_spans_with_bucket_and_key() {
         .add("forbidden", "forbidden", "forbidden", "[[trigger]]\nsubject = \"probe\"");
         let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
 
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let headers = incoming_trace();
         let req = async_nats::Request::new().headers(headers).payload("".into());
         assert_eq!(text(&client.send_request("count", req).await.unwrap()), "1");
         assert_eq!(text(&request(&client, "probe", "kv-denied").await), "permission-denied: kv read on bucket secret");
@@ -612,8 +617,7 @@ fn jetstream_deliveries_carry_stream_sequence_and_delivery_count() {
         );
         let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
 
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let headers = incoming_trace();
         js.publish_with_headers("orders.new", headers, "order".into()).await.unwrap().await.unwrap();
         let spans = receiver
             .wait_for("two deliveries", |s| s.iter().filter(|s| s.span.name == "process ORDERS").count() >= 2)
@@ -674,8 +678,7 @@ fn a_jetstream_publish_is_a_producer_span_whose_context_is_stored_with_the_messa
         );
         let host = start_traced_host(&server, &dir, Some(pipeline.tracer())).await;
 
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01").as_str());
+        let headers = incoming_trace();
         js.publish_with_headers("jobs.new", headers, "job".into()).await.unwrap().await.unwrap();
         let spans = receiver.wait_for("the invocation and its publish", |s| s.len() >= 2).await;
         host.shutdown().await;
