@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::buckets::BucketSpec;
 use crate::dispatch::{Dispatcher, HandlerStats, LoadedHandler};
 use crate::engine::{CacheOutcome, Engine, EngineError};
-use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT, FLUSH_TIMEOUT};
+use crate::limits::{DEFAULT_MAX_INSTANCES, DEFAULT_SHUTDOWN_TIMEOUT, FLUSH_TIMEOUT, STANDBY_INSTANCES};
 use crate::manifest::{self, HandlerName, Manifest, ManifestError, TenantId, Trigger};
 use crate::registry::{Binding, HandlerSlot};
 use crate::reload::{Entry, HandlerKey, Registry, ReloadError, ReloadReport, Reloader};
@@ -615,6 +615,7 @@ impl Host {
             invocations: TaskTracker::new(),
             abandon: CancellationToken::new(),
             tracer: self.tracer,
+            standby_permits: Arc::new(tokio::sync::Semaphore::new(STANDBY_INSTANCES as usize)),
         };
         // A handler whose trigger cannot be bound (a missing stream, say)
         // is reported and left out; the others serve regardless.

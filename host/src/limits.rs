@@ -31,6 +31,14 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 32;
 /// pool can never be exhausted by many handlers at their individual limits.
 pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 
+/// Fresh instances the whole host keeps made ahead of their message (one
+/// per handler version that has run, while these last), so a message does
+/// not wait for instantiation. The engine's pool has this many slots beyond
+/// the live instances, so standby instances never take a slot an admitted
+/// message needs; each costs the resident memory of a new instance (tens of
+/// kilobytes for a small Rust guest) while it waits.
+pub const STANDBY_INSTANCES: u32 = 64;
+
 /// How often the epoch ticker advances the engine's epoch. An interrupted
 /// guest is stopped at most one tick after its deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);

@@ -32,6 +32,40 @@ async fn each_message_gets_a_fresh_instance_and_a_reply() {
     assert!(host.shutdown().await.clean);
 }
 
+/// After an invocation the host makes the handler's next instance, so the
+/// next message does not wait for instantiation; nothing has run in that
+/// instance before, so the guest still sees a fresh one.
+#[tokio::test]
+async fn the_next_message_finds_a_fresh_instance_made_ahead_of_it() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("echo", "echo", "echo", "[[trigger]]\nsubject = \"svc.echo\"");
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+
+    for i in 0..5u64 {
+        let reply = request(&client, "svc.echo", "hi").await;
+        assert_eq!(header(&reply, "x-natsfn-calls"), Some("1"), "message {i} ran on a used instance");
+        let stats = host.handler_stats("echo").unwrap();
+        // The first message had none waiting; each later one finds the
+        // instance made after the message before it.
+        assert_eq!(stats.from_standby, i, "{stats:?}");
+        // Instantiating takes microseconds; give it ample time.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A trap does not spoil the instance waiting for the next message.
+    let trap = async_nats::Request::new().payload("natsfn:trap".into()).timeout(Some(Duration::from_millis(500)));
+    assert!(client.send_request("svc.echo", trap).await.is_err(), "a trap sends no reply");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = request(&client, "svc.echo", "hi").await;
+    assert_eq!(header(&reply, "x-natsfn-calls"), Some("1"));
+    // Counted once the instance is dropped, just after the reply.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = host.handler_stats("echo").unwrap();
+    assert_eq!((stats.invocations, stats.ok, stats.trapped, stats.from_standby), (7, 6, 1, 6), "{stats:?}");
+    assert!(host.shutdown().await.clean);
+}
+
 #[tokio::test]
 async fn wildcard_and_exact_subjects_match_like_nats() {
     let server = nats();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use natsfn::{Host, HostConfig, LoadError, RunningHost};
 use natsfn_e2e::tenancy::{server_with_config, two_accounts, Operator, Pki};
-use natsfn_e2e::{guest, request, text, HandlerDir, NatsServer};
+use natsfn_e2e::{client, guest, header, nats, request, text, HandlerDir, NatsServer};
 
 /// A host config file's text turned into a config, paths relative to `dir`.
 fn config(dir: &HandlerDir, text: &str) -> HostConfig {
@@ -307,6 +307,13 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     assert_eq!(holding.await.unwrap(), "held");
     let stats = host.handler_stats("attacker").unwrap();
     assert_eq!(stats.memory_limit, 2, "{stats:?}");
+    // Given back when the instance is dropped, just after its reply.
+    let given_back = async {
+        while tenant_stats(&host, "a").memory_in_use > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), given_back).await;
     let tenant = tenant_stats(&host, "a");
     assert_eq!(tenant.memory_refused, 1, "{tenant:?}");
     assert_eq!(tenant.memory_in_use, 0, "memory budget not given back: {tenant:?}");
@@ -335,6 +342,81 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     let dropped = tenant_stats(&host, "a").logs_dropped;
     assert!((19_500..20_000).contains(&dropped), "{dropped} lines dropped");
     host.shutdown().await;
+}
+
+/// Instances made ahead of their message (standby) are charged to the
+/// tenant's memory budget only when a message claims them: idle ones never
+/// take budget from the tenant's running invocations, and a claim the budget
+/// cannot cover is refused like a fresh instantiation would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_instances_hold_no_tenant_memory_until_a_message_claims_one() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    handler(&dir, "one", "roomy", "echo", "[[trigger]]\nsubject = \"roomy.one\"");
+    handler(&dir, "two", "roomy", "echo", "[[trigger]]\nsubject = \"roomy.two\"");
+    // Room for one instance of either guest (each starts with ~1.1 MiB),
+    // not for two.
+    handler(&dir, "tight", "cramped", "echo", "[[trigger]]\nsubject = \"cramped.echo\"");
+    handler(&dir, "holder", "cramped", "attacker", "[[trigger]]\nsubject = \"cramped.hold\"");
+    let cfg = config(
+        &dir,
+        r#"
+        [tenants.roomy.limits]
+        memory_mb = 8
+        [tenants.cramped.limits]
+        memory_mb = 2
+        "#,
+    );
+    let host = Host::builder().nats_url(server.url()).config(cfg).handlers_dir(dir.path()).build().await.unwrap();
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    let host = host.start().await.unwrap();
+    let client = client(&server).await;
+    let settle = || tokio::time::sleep(Duration::from_millis(100));
+
+    for subject in ["roomy.one", "roomy.two"] {
+        assert_eq!(header(&request(&client, subject, "hi").await, "x-natsfn-calls"), Some("1"));
+    }
+    settle().await;
+    // Both handlers now have an instance waiting, and the tenant is charged
+    // for neither.
+    assert_eq!(tenant_stats(&host, "roomy").memory_in_use, 0, "{:?}", tenant_stats(&host, "roomy"));
+    for subject in ["roomy.one", "roomy.two"] {
+        assert_eq!(header(&request(&client, subject, "hi").await, "x-natsfn-calls"), Some("1"));
+    }
+    settle().await;
+    let (one, two) = (host.handler_stats("one").unwrap(), host.handler_stats("two").unwrap());
+    assert_eq!((one.ok, one.from_standby, two.ok, two.from_standby), (2, 1, 2, 1), "{one:?} {two:?}");
+    assert_eq!(tenant_stats(&host, "roomy").memory_in_use, 0, "claimed memory not given back");
+
+    // While another instance of the tenant holds half its budget, the
+    // standby instance cannot be claimed, nor a fresh one made: the message
+    // fails at its memory limit, as it would have without standby.
+    assert_eq!(header(&request(&client, "cramped.echo", "hi").await, "x-natsfn-calls"), Some("1"));
+    let holding = {
+        let client = client.clone();
+        tokio::spawn(async move { text(&request(&client, "cramped.hold", "hold 0 2000").await) })
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while host.handler_stats("holder").unwrap().in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the holder started");
+    // Started counts before instantiation; give that a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let req = async_nats::Request::new().payload("hi".into()).timeout(Some(Duration::from_millis(500)));
+    assert!(client.send_request("cramped.echo", req).await.is_err(), "two instances fitted in 2 MiB");
+    assert_eq!(holding.await.unwrap(), "held");
+    settle().await;
+    // With the budget free again, the next standby instance serves.
+    assert_eq!(header(&request(&client, "cramped.echo", "hi").await, "x-natsfn-calls"), Some("1"));
+    settle().await;
+    let tight = host.handler_stats("tight").unwrap();
+    assert_eq!((tight.ok, tight.memory_limit, tight.from_standby), (2, 1, 1), "{tight:?}");
+    let cramped = tenant_stats(&host, "cramped");
+    assert_eq!((cramped.memory_refused, cramped.memory_in_use), (1, 0), "{cramped:?}");
+    assert!(host.shutdown().await.clean);
 }
 
 /// Latency percentiles of `n` sequential requests.

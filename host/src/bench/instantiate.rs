@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::BenchError;
 use crate::bindings::Message;
-use crate::dispatch::pool::{InstancePool, InstanceSlot, Lease};
+use crate::dispatch::pool::{InstancePool, InstanceSlot, Instances, Lease, Standby};
 use crate::dispatch::Stats;
 use crate::engine::Engine;
 use crate::hostcalls::Invocation;
@@ -59,19 +59,22 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
     let mean = |reuse: bool| {
-        let pool = reuse.then(InstancePool::new);
+        // Fresh: no standby instance is ever made, so every round
+        // instantiates, as a message that finds none does.
+        let instances =
+            if reuse { Instances::Reuse(InstancePool::new()) } else { Instances::Fresh(Standby::default()) };
         let (engine, compiled, msg, slots, calls) = (&engine, &compiled, &msg, &slots, &calls);
         async move {
             let mut total = Duration::ZERO;
             // The first rounds warm the allocator's slots and the caches.
             for round in 0..iterations + iterations / 10 {
                 let start = Instant::now();
-                let mut lease = Lease::checkout(engine, pool.as_ref(), calls());
+                let mut lease = Lease::checkout(engine, &instances, calls());
                 let result = lease.call(&compiled.pre, msg).await;
                 let ok = matches!(result, Ok(Ok(_)));
                 let slot =
                     slots.clone().try_acquire_owned().ok().map(|host| InstanceSlot { _tenant: None, _host: host });
-                lease.checkin(pool.as_ref(), ok, slot);
+                lease.checkin(&instances, ok, slot);
                 if round >= iterations / 10 {
                     total += start.elapsed();
                 }

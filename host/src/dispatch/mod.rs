@@ -6,7 +6,10 @@
 //! `handle`, and apply what it returned (publish the reply, or count and log
 //! the failure). The instance is dropped at the end: nothing a guest does
 //! survives into the next message, unless the handler opted into instance
-//! reuse (`pool`), where a cleanly finished instance serves again.
+//! reuse (`pool`), where a cleanly finished instance serves again. In fresh
+//! mode the store and instantiation usually happened already: after each
+//! invocation, off the message path, the handler's next instance is made
+//! and left on standby (`pool::Standby`).
 //!
 //! Dispatch never decides *whether* to run: triggers hold the concurrency
 //! permits, so by the time a message gets here it has a slot.
@@ -76,8 +79,9 @@ pub struct LoadedHandler {
     pub(crate) stats: Arc<Stats>,
     /// The tenant it belongs to: its connection, limits and threads.
     pub(crate) tenant: Arc<Tenant>,
-    /// Idle instances, for a handler in reuse mode; this version's own.
-    pool: Option<pool::InstancePool>,
+    /// Where this version's instances come from: its standby instance in
+    /// fresh mode, its idle ones in reuse mode.
+    instances: pool::Instances,
     /// What every invocation span of this version says about it.
     span_values: span::HandlerValues,
 }
@@ -85,7 +89,10 @@ pub struct LoadedHandler {
 impl LoadedHandler {
     pub(crate) fn new(manifest: Manifest, compiled: Compiled, cache: CacheOutcome, tenant: Arc<Tenant>) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(manifest.limits.max_concurrency as usize));
-        let pool = (manifest.instance == InstanceMode::Reuse).then(pool::InstancePool::new);
+        let instances = match manifest.instance {
+            InstanceMode::Reuse => pool::Instances::Reuse(pool::InstancePool::new()),
+            InstanceMode::Fresh => pool::Instances::Fresh(pool::Standby::default()),
+        };
         let span_values = span::HandlerValues::new(&manifest, &compiled.digest);
         LoadedHandler {
             manifest: Arc::new(manifest),
@@ -94,16 +101,28 @@ impl LoadedHandler {
             permits,
             stats: Arc::default(),
             tenant,
-            pool,
+            instances,
             span_values,
         }
     }
 
-    /// Called when a newer version takes over: drops the idle instances of
-    /// this one, and any its in-flight invocations return later.
+    /// Called when a newer version takes over: drops the idle or standby
+    /// instances of this one, and any its in-flight invocations return or
+    /// make later.
     pub(crate) fn retire(&self) {
-        if let Some(pool) = &self.pool {
-            pool.retire();
+        self.instances.retire();
+    }
+
+    /// The host calls' view of one invocation of this handler.
+    fn calls(&self, deadline: Instant, jetstream: Option<JetStreamAck>, trace: Option<&Trace>) -> Invocation {
+        Invocation {
+            manifest: self.manifest.clone(),
+            tenant: self.tenant.clone(),
+            stats: self.stats.clone(),
+            deadline,
+            jetstream,
+            table: wasmtime::component::ResourceTable::new(),
+            trace: trace.cloned(),
         }
     }
 
@@ -157,6 +176,7 @@ pub(crate) struct Stats {
     out_of_fuel: AtomicU64,
     denied: AtomicU64,
     rate_limited: AtomicU64,
+    from_standby: AtomicU64,
 }
 
 /// A snapshot of a handler's counters.
@@ -195,6 +215,9 @@ pub struct HandlerStats {
     pub denied: u64,
     /// Sends refused by the tenant's publish rate.
     pub rate_limited: u64,
+    /// Invocations that ran on a fresh instance made ahead of their
+    /// message (fresh mode), rather than instantiated on its path.
+    pub from_standby: u64,
 }
 
 impl HandlerStats {
@@ -225,6 +248,7 @@ impl Stats {
             out_of_fuel: get(&self.out_of_fuel),
             denied: get(&self.denied),
             rate_limited: get(&self.rate_limited),
+            from_standby: get(&self.from_standby),
         }
     }
 
@@ -309,20 +333,16 @@ pub(crate) async fn invoke(
             (wit_msg, None, Some(ack), Some(trigger))
         }
     };
-    let calls = Invocation {
-        manifest: manifest.clone(),
-        tenant: handler.tenant.clone(),
-        stats: handler.stats.clone(),
-        deadline,
-        jetstream,
-        table: wasmtime::component::ResourceTable::new(),
-        trace: trace.cloned(),
-    };
-    let mut lease = pool::Lease::checkout(engine, handler.pool.as_ref(), calls);
+    let calls = handler.calls(deadline, jetstream, trace);
+    let mut lease = pool::Lease::checkout(engine, &handler.instances, calls);
+    if lease.was_standby() {
+        handler.stats.from_standby.fetch_add(1, Ordering::Relaxed);
+    }
 
     // The epoch callback stops guests that compute past the deadline; this
     // timeout stops those that wait past it (in a host call or a sleep).
     let result = tokio::time::timeout_at(deadline, lease.call(&handler.compiled.pre, &wit_msg)).await;
+    let mut replied = false;
     let outcome = match result {
         Err(_elapsed) => Outcome::TimedOut,
         Ok(Err(err)) => classify_trap(&err, lease.store.data().hit_memory_limit()),
@@ -330,6 +350,7 @@ pub(crate) async fn invoke(
         Ok(Ok(Ok(reply))) => {
             if let (Some(reply), Some(to)) = (reply, reply_to) {
                 send_reply(nats, manifest, &to, reply).await;
+                replied = true;
             }
             Outcome::Ok
         }
@@ -342,19 +363,32 @@ pub(crate) async fn invoke(
     // Only an instance whose call ended as the guest meant it to may serve
     // again; it keeps this invocation's instance permits while idle.
     let clean = matches!(outcome, Outcome::Ok | Outcome::Failed(_));
-    let slot = if clean && handler.pool.is_some() { admission.slot.take() } else { None };
-    lease.checkin(handler.pool.as_ref(), clean, slot);
-
+    let slot = match handler.instances {
+        pool::Instances::Reuse(_) if clean => admission.slot.take(),
+        _ => None,
+    };
     if let Some(trace) = trace {
         span::record_outcome(trace, handler, &outcome);
     }
     if !matches!(outcome, Outcome::Ok) {
         report(manifest, &wit_msg.subject, &outcome);
     }
+    // The connection task, woken by the reply, runs on this thread only
+    // once this task yields: let it write the reply before this thread
+    // spends tens of microseconds dropping a fresh instance. The outcome is
+    // counted first, so whoever got the reply finds it counted.
+    let early = replied && matches!(handler.instances, pool::Instances::Fresh(_));
+    if early {
+        handler.stats.finished(&outcome);
+        tokio::task::yield_now().await;
+    }
+    lease.checkin(&handler.instances, clean, slot);
     if let (Some(js), Some(trigger)) = (jetstream, trigger) {
         settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats).await;
     }
-    handler.stats.finished(&outcome);
+    if !early {
+        handler.stats.finished(&outcome);
+    }
 }
 
 /// Names what stopped a guest. An interrupt can only be the deadline; a
@@ -443,6 +477,8 @@ pub(crate) struct Dispatcher {
     pub(crate) abandon: tokio_util::sync::CancellationToken,
     /// Where invocation spans go; `None` makes none.
     pub(crate) tracer: Option<Tracer>,
+    /// One permit per standby instance ([`crate::limits::STANDBY_INSTANCES`]).
+    pub(crate) standby_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The permits an admitted message holds until its invocation ends.
@@ -581,6 +617,15 @@ impl Dispatcher {
                 trace.end();
             }
             drop(admission);
+            // The next message of this handler will find its instance made.
+            // Still a tracked task, so shutdown does not drop the engine
+            // from under it.
+            if let pool::Instances::Fresh(standby) = &handler.instances {
+                if !this.abandon.is_cancelled() {
+                    let calls = handler.calls(Instant::now() + handler.manifest.limits.timeout, None, None);
+                    standby.refill(&this.engine, &handler.compiled.pre, &this.standby_permits, calls).await;
+                }
+            }
             drop(tracked);
         })
     }

@@ -2,6 +2,22 @@
 //! default), or, for handlers whose manifest says `instance = "reuse"`, an
 //! idle instance the handler's previous invocations left behind.
 //!
+//! Fresh mode keeps one instance of each handler version that has run on
+//! standby: made after an invocation ends, off the message path, so the next
+//! message finds its instance ready instead of waiting ~10-50 µs for a store
+//! and an instantiation. Nothing has run in a standby instance (no guest
+//! export was ever called), so isolation between messages is what it would
+//! be without it; only the time of instantiation moves. The rules:
+//! - standby instances are few: each holds one of the host's
+//!   [`STANDBY_INSTANCES`](crate::limits::STANDBY_INSTANCES) permits, and the
+//!   engine's pool has that many slots beyond its live instances, so a
+//!   standby instance never takes a slot an admitted message needs;
+//! - a standby instance's memory counts against its tenant's budget only
+//!   once a message claims it (and is refused then if the budget is spent,
+//!   as a fresh instantiation would be), so idle standby instances never
+//!   make a tenant's running invocations run out of memory;
+//! - a reload retires the old version's standby instance with the version.
+//!
 //! Reuse trades isolation between messages for speed, so the rules are
 //! strict:
 //! - only an instance whose call ended cleanly (`Ok` or a handler error)
@@ -22,14 +38,132 @@
 //! Kept apart from dispatch so that how an instance is obtained and returned
 //! is one small module.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 
 use crate::bindings::{Handler, HandlerError, HandlerPre, Message, Reply};
 use crate::engine::{Engine, StoreData};
 use crate::hostcalls::Invocation;
+
+/// Where one handler version's instances come from.
+pub(crate) enum Instances {
+    /// A new instance for every message (the default), one kept on standby.
+    Fresh(Standby),
+    /// Instances that served a message serve again (`instance = "reuse"`).
+    Reuse(InstancePool),
+}
+
+impl Instances {
+    /// Drops the idle or standby instances of a version a newer one
+    /// replaced, and refuses any offered later.
+    pub(crate) fn retire(&self) {
+        match self {
+            Instances::Fresh(standby) => standby.retire(),
+            Instances::Reuse(pool) => pool.retire(),
+        }
+    }
+
+    /// The reuse pool, when instances are reused.
+    fn pool(&self) -> Option<&InstancePool> {
+        match self {
+            Instances::Reuse(pool) => Some(pool),
+            Instances::Fresh(_) => None,
+        }
+    }
+}
+
+/// The standby instance of one handler version in fresh mode.
+#[derive(Default)]
+pub(crate) struct Standby {
+    state: Mutex<StandbyState>,
+}
+
+#[derive(Default)]
+enum StandbyState {
+    /// None ready; the next invocation to end makes one.
+    #[default]
+    Empty,
+    /// An invocation that ended is instantiating one.
+    Filling,
+    Ready(Ready),
+    /// The version was replaced: no more standby instances.
+    Retired,
+}
+
+/// A fresh instance nothing has run in yet.
+struct Ready {
+    store: Store<StoreData>,
+    instance: Handler,
+    /// One of the host's standby permits, given back when a message claims
+    /// the instance (its admission permits count it from then on).
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Standby {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StandbyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The ready instance, if there is one.
+    fn take(&self) -> Option<Ready> {
+        let mut state = self.lock();
+        match std::mem::take(&mut *state) {
+            StandbyState::Ready(ready) => Some(ready),
+            other => {
+                *state = other;
+                None
+            }
+        }
+    }
+
+    /// Makes the standby instance if there is none and the host has a
+    /// standby permit free. `calls` is a placeholder invocation for the
+    /// store (the claiming message brings its own); its deadline bounds the
+    /// instantiation, which runs a guest's start functions if it has any.
+    /// A failed instantiation leaves none: the next message instantiates on
+    /// its own path and reports the error as its outcome.
+    pub(crate) async fn refill(
+        &self,
+        engine: &Engine,
+        pre: &HandlerPre<StoreData>,
+        permits: &Arc<Semaphore>,
+        calls: Invocation,
+    ) {
+        {
+            let mut state = self.lock();
+            if !matches!(*state, StandbyState::Empty) {
+                return;
+            }
+            *state = StandbyState::Filling;
+        }
+        let made = match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let deadline = calls.deadline;
+                let mut store = engine.standby_store(calls);
+                match tokio::time::timeout_at(deadline, pre.instantiate_async(&mut store)).await {
+                    Ok(Ok(instance)) => Some(Ready { store, instance, _permit: permit }),
+                    Ok(Err(e)) => {
+                        tracing::debug!("no standby instance: {e:#}");
+                        None
+                    }
+                    Err(_elapsed) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        let mut state = self.lock();
+        if matches!(*state, StandbyState::Filling) {
+            *state = made.map_or(StandbyState::Empty, StandbyState::Ready);
+        }
+    }
+
+    fn retire(&self) {
+        let old = std::mem::replace(&mut *self.lock(), StandbyState::Retired);
+        drop(old);
+    }
+}
 
 /// The idle instances of one handler version in reuse mode.
 #[derive(Default)]
@@ -80,21 +214,45 @@ pub(crate) struct Lease {
     pub(crate) store: Store<StoreData>,
     /// `None` until instantiated, and while the call is running.
     instance: Option<Handler>,
+    /// Whether the instance was waiting on standby.
+    standby: bool,
 }
 
 impl Lease {
-    /// An idle instance of `pool` set up for `calls`, or a fresh store
-    /// (instantiated on first [`Lease::call`]).
-    pub(crate) fn checkout(engine: &Engine, pool: Option<&InstancePool>, calls: Invocation) -> Lease {
-        match pool.and_then(InstancePool::take) {
-            // The invocation's own admission permit counts this instance
-            // while it runs; the idle one's goes back.
-            Some(Idle { mut store, instance, _slot }) => {
-                engine.renew(&mut store, calls);
-                Lease { store, instance: Some(instance) }
-            }
-            None => Lease { store: engine.store(calls), instance: None },
-        }
+    /// An instance of `instances` set up for `calls`: an idle one in reuse
+    /// mode, the standby one in fresh mode, or else a fresh store
+    /// (instantiated on first [`Lease::call`]). In every case the
+    /// invocation's own admission permits count the instance while it runs;
+    /// an idle instance's permits and a standby permit go back.
+    pub(crate) fn checkout(engine: &Engine, instances: &Instances, calls: Invocation) -> Lease {
+        let calls = match instances {
+            Instances::Reuse(pool) => match pool.take() {
+                Some(Idle { mut store, instance, _slot }) => {
+                    engine.renew(&mut store, calls);
+                    return Lease { store, instance: Some(instance), standby: false };
+                }
+                None => calls,
+            },
+            Instances::Fresh(standby) => match standby.take() {
+                Some(Ready { mut store, instance, _permit }) => {
+                    // When the tenant's memory budget is spent, a fresh
+                    // instantiation meets the same refusal, reported as the
+                    // memory limit it is.
+                    if engine.charge(&mut store, &calls) {
+                        engine.renew(&mut store, calls);
+                        return Lease { store, instance: Some(instance), standby: true };
+                    }
+                    calls
+                }
+                None => calls,
+            },
+        };
+        Lease { store: engine.store(calls), instance: None, standby: false }
+    }
+
+    /// Whether the instance was made ahead of the message, on standby.
+    pub(crate) fn was_standby(&self) -> bool {
+        self.standby
     }
 
     /// Instantiates if needed, then calls `handle`.
@@ -114,12 +272,13 @@ impl Lease {
         result
     }
 
-    /// Returns the instance to `pool` if the call ended `clean`ly, handing
-    /// it the invocation's instance permits `slot`; otherwise drops it (and
-    /// the permits go back).
-    pub(crate) fn checkin(self, pool: Option<&InstancePool>, clean: bool, slot: Option<InstanceSlot>) {
+    /// In reuse mode, returns the instance to the pool if the call ended
+    /// `clean`ly, handing it the invocation's instance permits `slot`;
+    /// otherwise (and always in fresh mode) drops it, and the permits go
+    /// back.
+    pub(crate) fn checkin(self, instances: &Instances, clean: bool, slot: Option<InstanceSlot>) {
         let reusable = clean && !self.store.data().hit_memory_limit();
-        if let (Some(pool), true, Some(instance), Some(slot)) = (pool, reusable, self.instance, slot) {
+        if let (Some(pool), true, Some(instance), Some(slot)) = (instances.pool(), reusable, self.instance, slot) {
             pool.put(Idle { store: self.store, instance, _slot: slot });
         }
     }

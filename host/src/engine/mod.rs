@@ -37,7 +37,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::HandlerPre;
 use crate::hostcalls::{self, Invocation};
-use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB};
+use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB, STANDBY_INSTANCES};
 use crate::tenant::MemoryBudget;
 
 /// Why a component could not be turned into a runnable handler.
@@ -125,8 +125,27 @@ struct MemoryLimiter {
     hit_tenant: bool,
     /// The largest linear memory granted, for the handler's statistics.
     peak: usize,
+    /// All linear memory granted, every memory of the instance together.
+    granted: usize,
+    /// The tenant budget growth is charged to; `None` for a standby store
+    /// until a message claims it.
     tenant: Option<Arc<MemoryBudget>>,
     reserved: usize,
+}
+
+impl MemoryLimiter {
+    /// Charges what the instance already holds to `budget` from now on.
+    /// Returns false, charging nothing, when the budget has no room for it.
+    fn charge(&mut self, budget: Option<Arc<MemoryBudget>>) -> bool {
+        if let Some(budget) = &budget {
+            if !budget.try_reserve(self.granted) {
+                return false;
+            }
+            self.reserved += self.granted;
+        }
+        self.tenant = budget;
+        true
+    }
 }
 
 impl Drop for MemoryLimiter {
@@ -158,6 +177,7 @@ impl ResourceLimiter for MemoryLimiter {
             }
             self.reserved += more;
         }
+        self.granted += more;
         self.peak = self.peak.max(desired);
         Ok(true)
     }
@@ -178,8 +198,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds an engine whose pool holds `max_instances` live instances,
-    /// caching compiled code in `cache_dir` when given. With `fuel`, compiled
+    /// Builds an engine whose pool holds `max_instances` live instances
+    /// and [`STANDBY_INSTANCES`] made ahead of their message, caching compiled code in `cache_dir` when given. With `fuel`, compiled
     /// code counts the instructions it runs so invocations can have a fuel
     /// budget; that costs some speed in every guest, so it is opt-in.
     pub fn new(max_instances: u32, cache_dir: Option<std::path::PathBuf>, fuel: bool) -> Result<Engine, EngineError> {
@@ -187,14 +207,15 @@ impl Engine {
         // A Rust guest is one main core module plus a few small shims; leave
         // room for components made of several modules.
         let per_component_core = 16;
-        pool.total_component_instances(max_instances)
-            .total_core_instances(max_instances * per_component_core)
+        let slots = max_instances + STANDBY_INSTANCES;
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * per_component_core)
             .max_core_instances_per_component(per_component_core)
-            .total_memories(max_instances * 2)
+            .total_memories(slots * 2)
             .max_memories_per_component(2)
-            .total_tables(max_instances * per_component_core)
+            .total_tables(slots * per_component_core)
             .max_tables_per_component(per_component_core)
-            .total_stacks(max_instances)
+            .total_stacks(slots)
             .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024)
             .max_component_instance_size(1 << 20)
             .max_core_instance_size(1 << 20)
@@ -275,6 +296,26 @@ impl Engine {
     /// A fresh store for one invocation, with the handler's memory limit and
     /// a CPU deadline at the invocation's deadline.
     pub(crate) fn store(&self, calls: Invocation) -> Store<StoreData> {
+        let budget = calls.tenant.memory.clone();
+        self.new_store(calls, budget)
+    }
+
+    /// A store for a standby instance: like [`Engine::store`], but what it
+    /// holds is charged to the tenant only when a message claims it
+    /// ([`Engine::charge`]).
+    pub(crate) fn standby_store(&self, calls: Invocation) -> Store<StoreData> {
+        self.new_store(calls, None)
+    }
+
+    /// Charges what a standby store already holds to the tenant of `calls`,
+    /// the message claiming it (then [`Engine::renew`] sets it up for that
+    /// message). False, charging nothing, when the tenant's budget has no
+    /// room for it.
+    pub(crate) fn charge(&self, store: &mut Store<StoreData>, calls: &Invocation) -> bool {
+        store.data_mut().limiter.charge(calls.tenant.memory.clone())
+    }
+
+    fn new_store(&self, calls: Invocation, budget: Option<Arc<MemoryBudget>>) -> Store<StoreData> {
         let manifest = &calls.manifest;
         let wasi = WasiCtx::builder()
             .stdout(stdio::GuestOutput::new(manifest.clone(), calls.tenant.clone(), stdio::Stream::Stdout))
@@ -288,7 +329,8 @@ impl Engine {
             hit: false,
             hit_tenant: false,
             peak: 0,
-            tenant: calls.tenant.memory.clone(),
+            granted: 0,
+            tenant: budget,
             reserved: 0,
         };
         let data = StoreData { wasi, table: ResourceTable::new(), limiter, calls };
