@@ -771,7 +771,8 @@ impl RunningHost {
         // Replies and publishes of the last invocations are still in the
         // client's buffer: push them out before letting go.
         // Client::drain closes without waiting for buffered publishes, so
-        // flush first: the PONG proves the server has every reply and ack.
+        // flush first: the round trip proves the server has every reply and
+        // ack.
         // Both are bounded: a server that is gone never answers.
         if !self.dispatcher.flush().await {
             clean = false;

@@ -391,6 +391,22 @@ pub(crate) async fn invoke(
     }
 }
 
+/// Returns once the server has read everything sent on `nats` before the
+/// call. `Client::flush` only writes the client's buffer to the socket; a
+/// message to the connection's own inbox comes back only after the server
+/// has processed what was written before it, subscriptions included.
+async fn round_trip(nats: &async_nats::Client) -> Result<(), async_nats::Error> {
+    use futures::StreamExt;
+    let inbox = nats.new_inbox();
+    let mut echo = nats.subscribe(inbox.clone()).await?;
+    nats.publish(inbox, bytes::Bytes::new()).await?;
+    nats.flush().await?;
+    match echo.next().await {
+        Some(_) => Ok(()),
+        None => Err("the connection closed before the server answered".into()),
+    }
+}
+
 /// Names what stopped a guest. An interrupt can only be the deadline; a
 /// trap after a refused memory growth is the memory limit, whatever
 /// instruction the guest trapped on afterwards.
@@ -517,17 +533,20 @@ impl Dispatcher {
         Admission { _handler: handler_permit, slot: Some(pool::InstanceSlot { _tenant: tenant, _host: instance }) }
     }
 
-    /// Flushes every tenant's connection, so what invocations sent (and
-    /// new subscriptions) are on the server. Returns whether every flush was
-    /// confirmed within [`FLUSH_TIMEOUT`]: a server that is gone never
-    /// confirms, and must not hold up shutdown or a reload.
+    /// Flushes every tenant's connection and waits until the server has
+    /// read what was sent on it: what invocations sent, and new
+    /// subscriptions (so a message published once start or a reload returns
+    /// finds them). Returns whether every connection confirmed within
+    /// [`FLUSH_TIMEOUT`]: a server that is gone never confirms, and must not
+    /// hold up shutdown or a reload.
     pub(crate) async fn flush(&self) -> bool {
         let connections = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner).connections();
-        let flushes = futures::future::join_all(connections.iter().map(async_nats::Client::flush));
+        let flushes = futures::future::join_all(connections.iter().map(round_trip));
         let Ok(results) = tokio::time::timeout(FLUSH_TIMEOUT, flushes).await else {
             tracing::warn!(
                 "NATS did not confirm a flush within {FLUSH_TIMEOUT:?}; messages sent just before may not have \
-                 reached the server (JetStream messages are redelivered)"
+                 reached the server (JetStream messages are redelivered), and a connection whose user may not \
+                 publish to and subscribe on its own inbox (_INBOX.>) can never confirm one"
             );
             return false;
         };
