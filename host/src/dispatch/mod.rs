@@ -640,10 +640,11 @@ impl Dispatcher {
             // Still a tracked task, so shutdown does not drop the engine
             // from under it.
             if let pool::Instances::Fresh(standby) = &handler.instances {
-                if !this.abandon.is_cancelled() {
-                    let calls = handler.calls(Instant::now() + handler.manifest.limits.timeout, None, None);
-                    standby.refill(&this.engine, &handler.compiled.pre, &this.standby_permits, calls).await;
-                }
+                let calls = || {
+                    let deadline = Instant::now() + handler.manifest.limits.timeout;
+                    (!this.abandon.is_cancelled()).then(|| handler.calls(deadline, None, None))
+                };
+                standby.refill(&this.engine, &handler.compiled.pre, &this.standby_permits, calls).await;
             }
             drop(tracked);
         })

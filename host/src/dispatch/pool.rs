@@ -119,17 +119,20 @@ impl Standby {
     }
 
     /// Makes the standby instance if there is none and the host has a
-    /// standby permit free. `calls` is a placeholder invocation for the
-    /// store (the claiming message brings its own); its deadline bounds the
-    /// instantiation, which runs a guest's start functions if it has any.
-    /// A failed instantiation leaves none: the next message instantiates on
-    /// its own path and reports the error as its outcome.
+    /// standby permit free. `calls` gives a placeholder invocation for the
+    /// store (the claiming message brings its own), or `None` when no
+    /// instance should be made any more (shutdown); it is only called when
+    /// one is needed, so a version whose instance is ready pays nothing.
+    /// The placeholder's deadline bounds the instantiation, which runs a
+    /// guest's start functions if it has any. A failed instantiation leaves
+    /// none: the next message instantiates on its own path and reports the
+    /// error as its outcome.
     pub(crate) async fn refill(
         &self,
         engine: &Engine,
         pre: &HandlerPre<StoreData>,
         permits: &Arc<Semaphore>,
-        calls: Invocation,
+        calls: impl FnOnce() -> Option<Invocation>,
     ) {
         {
             let mut state = self.lock();
@@ -138,8 +141,8 @@ impl Standby {
             }
             *state = StandbyState::Filling;
         }
-        let made = match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let made = match (calls(), permits.clone().try_acquire_owned()) {
+            (Some(calls), Ok(permit)) => {
                 let deadline = calls.deadline;
                 let mut store = engine.standby_store(calls);
                 match tokio::time::timeout_at(deadline, pre.instantiate_async(&mut store)).await {
@@ -151,7 +154,7 @@ impl Standby {
                     Err(_elapsed) => None,
                 }
             }
-            Err(_) => None,
+            _ => None,
         };
         let mut state = self.lock();
         if matches!(*state, StandbyState::Filling) {
