@@ -115,6 +115,19 @@ pub async fn start_traced_host(
     host.start().await.expect("start host")
 }
 
+/// Waits until `cond` holds, polling; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A plain client for the test's side of the conversation.
 pub async fn client(server: &NatsServer) -> async_nats::Client {
     async_nats::connect(server.url()).await.expect("connect test client")

@@ -45,19 +45,6 @@ async fn try_stream_len(js: &jetstream::Context, name: &str) -> Option<u64> {
     Some(js.get_stream(name).await.ok()?.info().await.ok()?.state.messages)
 }
 
-/// Waits until `cond` holds, polling; panics with `what` after `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn consumer(js: &jetstream::Context, stream: &str, durable: &str) -> PullConsumer {
     js.get_stream(stream).await.unwrap().get_consumer(durable).await.unwrap()
 }

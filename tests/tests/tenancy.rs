@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use natsfn::{Host, HostConfig, LoadError, RunningHost};
 use natsfn_e2e::tenancy::{server_with_config, two_accounts, Operator, Pki};
-use natsfn_e2e::{client, guest, header, nats, request, text, HandlerDir, NatsServer};
+use natsfn_e2e::{client, eventually, guest, header, nats, request, text, HandlerDir, NatsServer};
 
 /// A host config file's text turned into a config, paths relative to `dir`.
 fn config(dir: &HandlerDir, text: &str) -> HostConfig {
@@ -308,12 +308,10 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
     let stats = host.handler_stats("attacker").unwrap();
     assert_eq!(stats.memory_limit, 2, "{stats:?}");
     // Given back when the instance is dropped, just after its reply.
-    let given_back = async {
-        while tenant_stats(&host, "a").memory_in_use > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), given_back).await;
+    eventually(Duration::from_secs(5), "the memory budget given back", || async {
+        tenant_stats(&host, "a").memory_in_use == 0
+    })
+    .await;
     let tenant = tenant_stats(&host, "a");
     assert_eq!(tenant.memory_refused, 1, "{tenant:?}");
     assert_eq!(tenant.memory_in_use, 0, "memory budget not given back: {tenant:?}");
@@ -396,13 +394,10 @@ async fn standby_instances_hold_no_tenant_memory_until_a_message_claims_one() {
         let client = client.clone();
         tokio::spawn(async move { text(&request(&client, "cramped.hold", "hold 0 2000").await) })
     };
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while host.handler_stats("holder").unwrap().in_flight == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually(Duration::from_secs(10), "the holder started", || async {
+        host.handler_stats("holder").unwrap().in_flight > 0
     })
-    .await
-    .expect("the holder started");
+    .await;
     // Started counts before instantiation; give that a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let req = async_nats::Request::new().payload("hi".into()).timeout(Some(Duration::from_millis(500)));
