@@ -390,6 +390,12 @@ async fn standby_instances_hold_no_tenant_memory_until_a_message_claims_one() {
     // standby instance cannot be claimed, nor a fresh one made: the message
     // fails at its memory limit, as it would have without standby.
     assert_eq!(header(&request(&client, "cramped.echo", "hi").await, "x-natsfn-calls"), Some("1"));
+    // That instance is dropped just after its reply; until then it holds
+    // half the budget itself.
+    eventually(Duration::from_secs(5), "the echo's memory given back", || async {
+        tenant_stats(&host, "cramped").memory_in_use == 0
+    })
+    .await;
     let holding = {
         let client = client.clone();
         tokio::spawn(async move { text(&request(&client, "cramped.hold", "hold 0 2000").await) })
