@@ -384,7 +384,10 @@ pub(crate) async fn invoke(
     }
     lease.checkin(&handler.instances, clean, slot);
     if let (Some(js), Some(trigger)) = (jetstream, trigger) {
-        settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats).await;
+        // Boxed: only JetStream messages settle, and the settling future
+        // (a confirmed ack is a request) would otherwise enlarge every
+        // invocation's state.
+        Box::pin(settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats)).await;
     }
     if !early {
         handler.stats.finished(&outcome);
@@ -610,26 +613,31 @@ impl Dispatcher {
                     s.start(tracer)
                 }
             });
-            let run = invoke(&this, &handler, delivery, trace.as_ref(), &mut admission);
-            // Current while the invocation is polled, so guest stdout and
-            // stderr lines find their span.
-            let run = async {
-                match &trace {
-                    Some(trace) => run.with_context(trace.context().clone()).await,
-                    None => run.await,
-                }
-            };
-            tokio::select! {
-                // The invocation first: most finish in their first poll,
-                // without ever registering with the cancellation token.
-                biased;
-                () = run => {}
-                () = this.abandon.cancelled() => {
-                    if let Some(trace) = &trace {
-                        span::record_abandoned(trace);
+            {
+                // Pinned where it is made and from then on used by reference:
+                // the invocation's state is kilobytes, and each move of it by
+                // value (into a wrapper, into `select!`) would copy all of it.
+                let mut invocation = std::pin::pin!(invoke(&this, &handler, delivery, trace.as_ref(), &mut admission));
+                // Current while the invocation is polled, so guest stdout and
+                // stderr lines find their span.
+                let run = async {
+                    match &trace {
+                        Some(trace) => invocation.as_mut().with_context(trace.context().clone()).await,
+                        None => invocation.as_mut().await,
                     }
-                    tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
-                        "invocation abandoned: still running at the shutdown deadline");
+                };
+                tokio::select! {
+                    // The invocation first: most finish in their first poll,
+                    // without ever registering with the cancellation token.
+                    biased;
+                    () = run => {}
+                    () = this.abandon.cancelled() => {
+                        if let Some(trace) = &trace {
+                            span::record_abandoned(trace);
+                        }
+                        tracing::error!(handler = %handler.manifest.name, tenant = %handler.manifest.tenant,
+                            "invocation abandoned: still running at the shutdown deadline");
+                    }
                 }
             }
             if let Some(trace) = &trace {

@@ -145,7 +145,7 @@ impl Standby {
             (Some(calls), Ok(permit)) => {
                 let deadline = calls.deadline;
                 let mut store = engine.standby_store(calls);
-                match tokio::time::timeout_at(deadline, pre.instantiate_async(&mut store)).await {
+                match tokio::time::timeout_at(deadline, Box::pin(pre.instantiate_async(&mut store))).await {
                     Ok(Ok(instance)) => Some(Ready { store, instance, _permit: permit }),
                     Ok(Err(e)) => {
                         tracing::debug!("no standby instance: {e:#}");
@@ -266,7 +266,11 @@ impl Lease {
     ) -> wasmtime::Result<Result<Option<Reply>, HandlerError>> {
         let instance = match self.instance.take() {
             Some(i) => i,
-            None => pre.instantiate_async(&mut self.store).await?,
+            // Boxed: instantiation's future is four times the size of the
+            // call's, and every message would otherwise copy that much
+            // around in the invocation's state, used or not (it is not,
+            // in reuse mode or with a standby instance).
+            None => Box::pin(pre.instantiate_async(&mut self.store)).await?,
         };
         let result = instance.call_handle(&mut self.store, msg).await;
         // Put back only after the call returned: a call cut off mid-way
