@@ -185,6 +185,10 @@ async fn pull_loop(
         };
         loop {
             let next = tokio::select! {
+                // Messages first, as in the core subscription trigger: the
+                // batch is a tokio channel underneath, so shutdown is still
+                // polled once the task's cooperative budget runs out.
+                biased;
                 m = batch.next() => m,
                 () = shutdown.cancelled() => break 'pull,
             };
@@ -200,6 +204,7 @@ async fn pull_loop(
                     };
                     let handler = slot.current();
                     let admission = tokio::select! {
+                        biased;
                         a = dispatcher.admit_reserved(&handler, permit) => a,
                         () = dispatcher.abandon.cancelled() => break 'pull,
                     };

@@ -41,6 +41,14 @@ pub(super) async fn bind(
         let mut draining = false;
         loop {
             let next = tokio::select! {
+                // Messages first: a cancellation future registers with its
+                // token under a lock each time it is polled, which polling
+                // it for every message would pay. Shutdown is still seen
+                // under constant load: the subscription is a tokio channel,
+                // which returns pending once the task has used its
+                // cooperative budget (128 polls), and then the branches
+                // below are polled.
+                biased;
                 m = sub.next() => m,
                 () = shutdown.cancelled(), if !draining => {
                     draining = true;
@@ -62,6 +70,9 @@ pub(super) async fn bind(
             // The version current when the message arrives handles it.
             let handler = slot.current();
             let admission = tokio::select! {
+                // Permits first, for the same reason: when one is free the
+                // token is never polled.
+                biased;
                 a = dispatcher.admit(&handler) => a,
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
