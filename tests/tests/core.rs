@@ -2,6 +2,7 @@
 //! host calls and their permissions, traps and back-pressure.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -378,6 +379,51 @@ async fn shutdown_finishes_in_flight_work_and_takes_no_more() {
     let req = async_nats::Request::new().payload("late".into()).timeout(Some(Duration::from_millis(500)));
     let late = client.send_request("s", req).await;
     assert_eq!(late.unwrap_err().kind(), async_nats::client::RequestErrorKind::NoResponders);
+}
+
+/// The trigger takes a ready message before it looks at the shutdown
+/// token; a publisher that keeps the subscription full must not keep the
+/// host from shutting down cleanly, long before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_messages_that_keep_arriving() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("mirror", "mirror", "mirror", "[[trigger]]\nsubject = \"flood\"");
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .handlers_dir(dir.path())
+        .shutdown_timeout(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = client(&server).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..1000 {
+                    client.publish("flood", "x".into()).await.unwrap();
+                }
+                client.flush().await.unwrap();
+            }
+        }
+    });
+    // Far more arrives than fresh instances can handle: the trigger is
+    // saturated and a message is always waiting for it.
+    eventually(Duration::from_secs(30), "the handler is busy", || async {
+        host.handler_stats("mirror").unwrap().invocations > 2_000
+    })
+    .await;
+    let report = tokio::time::timeout(Duration::from_secs(30), host.shutdown())
+        .await
+        .expect("shutdown finished while the flood went on, not at its 60 s deadline");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    assert!(report.clean && report.abandoned == 0, "{report:?}");
 }
 
 #[tokio::test]

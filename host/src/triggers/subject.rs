@@ -17,6 +17,21 @@ use crate::manifest::QueueGroup;
 use crate::registry::HandlerSlot;
 use crate::subject::SubjectPattern;
 
+/// How often, in messages, the trigger checks the shutdown tokens even
+/// though a message is ready: shutdown starts within this many messages
+/// however fast they arrive.
+const TOKEN_CHECK_EVERY: u32 = 64;
+
+/// What the trigger loop does next.
+enum Step {
+    /// Handle this message (`None`: the subscription ended).
+    Message(Option<async_nats::Message>),
+    /// Shutdown began: drain the subscription, handle what it still holds.
+    Drain,
+    /// The shutdown deadline passed: start nothing more.
+    Abandon,
+}
+
 pub(super) async fn bind(
     subject: &SubjectPattern,
     queue: Option<&QueueGroup>,
@@ -39,18 +54,36 @@ pub(super) async fn bind(
         let dispatcher = Arc::new(dispatcher);
         let lanes = Lanes::for_handler(&slot.current());
         let mut draining = false;
+        let mut received: u32 = 0;
         loop {
-            let next = tokio::select! {
-                // Messages first: a cancellation future registers with its
-                // token under a lock each time it is polled, which polling
-                // it for every message would pay. Shutdown is still seen
-                // under constant load: the subscription is a tokio channel,
-                // which returns pending once the task has used its
-                // cooperative budget (128 polls), and then the branches
-                // below are polled.
-                biased;
-                m = sub.next() => m,
-                () = shutdown.cancelled(), if !draining => {
+            // Messages come first, so a ready message never pays for polling
+            // the tokens (each poll of a cancellation future takes its
+            // token's lock). Under a flood that keeps a message always ready
+            // the tokens would then never be polled, so every so many
+            // messages they are checked directly.
+            received = received.wrapping_add(1);
+            let step = if !received.is_multiple_of(TOKEN_CHECK_EVERY) {
+                None
+            } else if dispatcher.abandon.is_cancelled() {
+                Some(Step::Abandon)
+            } else if !draining && shutdown.is_cancelled() {
+                Some(Step::Drain)
+            } else {
+                None
+            };
+            let step = match step {
+                Some(step) => step,
+                None => tokio::select! {
+                    biased;
+                    m = sub.next() => Step::Message(m),
+                    () = shutdown.cancelled(), if !draining => Step::Drain,
+                    () = dispatcher.abandon.cancelled() => Step::Abandon,
+                },
+            };
+            let next = match step {
+                Step::Message(next) => next,
+                Step::Abandon => break,
+                Step::Drain => {
                     draining = true;
                     // A drain ends when the server confirms it; with no
                     // server nothing more can arrive, and it would only
@@ -64,14 +97,13 @@ pub(super) async fn bind(
                     }
                     continue;
                 }
-                () = dispatcher.abandon.cancelled() => break,
             };
             let Some(msg) = next else { break };
             // The version current when the message arrives handles it.
             let handler = slot.current();
             let admission = tokio::select! {
                 // Permits first, for the same reason: when one is free the
-                // token is never polled.
+                // token is not polled (the periodic check above covers it).
                 biased;
                 a = dispatcher.admit(&handler) => a,
                 // Past the deadline nothing more is started.
