@@ -185,9 +185,11 @@ async fn pull_loop(
         };
         loop {
             let next = tokio::select! {
-                // Messages first, as in the core subscription trigger: the
-                // batch is a tokio channel underneath, so shutdown is still
-                // polled once the task's cooperative budget runs out.
+                // Messages first, as in the core subscription trigger, so a
+                // ready message does not pay for polling the token. A batch
+                // holds at most the permits reserved for it, so shutdown
+                // is seen at the latest when the batch ends and the pull
+                // loop above waits for permits.
                 biased;
                 m = batch.next() => m,
                 () = shutdown.cancelled() => break 'pull,
