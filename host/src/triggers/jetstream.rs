@@ -187,9 +187,8 @@ async fn pull_loop(
             let next = tokio::select! {
                 // Messages first, as in the core subscription trigger, so a
                 // ready message does not pay for polling the token. A batch
-                // holds at most the permits reserved for it, so shutdown
-                // is seen at the latest when the batch ends and the pull
-                // loop above waits for permits.
+                // holds at most the permits reserved for it, and when it
+                // ends the pull loop above polls the token again.
                 biased;
                 m = batch.next() => m,
                 () = shutdown.cancelled() => break 'pull,
