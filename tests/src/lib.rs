@@ -100,19 +100,29 @@ pub async fn start_host(server: &NatsServer, dir: &HandlerDir) -> natsfn::Runnin
     start_traced_host(server, dir, None).await
 }
 
+/// Like [`start_host`], with options of the test's own set on the builder.
+pub async fn start_host_with(
+    server: &NatsServer,
+    dir: &HandlerDir,
+    options: impl FnOnce(natsfn::HostBuilder) -> natsfn::HostBuilder,
+) -> natsfn::RunningHost {
+    let builder = options(natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()));
+    let host = builder.build().await.expect("build host");
+    assert!(host.load_errors().is_empty(), "unexpected load errors: {:?}", host.load_errors());
+    host.start().await.expect("start host")
+}
+
 /// Like [`start_host`], with the host's spans going to `tracer`.
 pub async fn start_traced_host(
     server: &NatsServer,
     dir: &HandlerDir,
     tracer: Option<natsfn::telemetry::Tracer>,
 ) -> natsfn::RunningHost {
-    let mut builder = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path());
-    if let Some(tracer) = tracer {
-        builder = builder.tracer(tracer);
-    }
-    let host = builder.build().await.expect("build host");
-    assert!(host.load_errors().is_empty(), "unexpected load errors: {:?}", host.load_errors());
-    host.start().await.expect("start host")
+    start_host_with(server, dir, |builder| match tracer {
+        Some(tracer) => builder.tracer(tracer),
+        None => builder,
+    })
+    .await
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after `limit`.

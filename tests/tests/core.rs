@@ -389,16 +389,7 @@ async fn shutdown_is_not_held_up_by_messages_that_keep_arriving() {
     let server = nats();
     let dir = HandlerDir::new();
     dir.add("mirror", "mirror", "mirror", "[[trigger]]\nsubject = \"flood\"");
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .shutdown_timeout(Duration::from_secs(60))
-        .build()
-        .await
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let host = start_host_with(&server, &dir, |b| b.shutdown_timeout(Duration::from_secs(60))).await;
     let client = client(&server).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = tokio::spawn({
@@ -436,16 +427,7 @@ async fn shutdown_abandons_invocations_at_the_deadline() {
         "slow",
         "[[trigger]]\nsubject = \"s\"\n[limits]\ntimeout_ms = 30000\n[config]\ndelay_ms = 20000",
     );
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .shutdown_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let host = start_host_with(&server, &dir, |b| b.shutdown_timeout(Duration::from_millis(300))).await;
     let client = client(&server).await;
     client.publish("s", "x".into()).await.unwrap();
     while host.handler_stats("slow").unwrap().in_flight < 1 {

@@ -420,16 +420,7 @@ async fn a_missing_stream_is_named_unless_the_host_may_create_it() {
     assert_eq!(text(&request(&client(&server).await, "still.serving", "yes").await), "yes");
     running.shutdown().await;
 
-    let host = natsfn::Host::builder()
-        .nats_url(server.url())
-        .handlers_dir(dir.path())
-        .create_streams(true)
-        .build()
-        .await
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let host = start_host_with(&server, &dir, |b| b.create_streams(true)).await;
     let js = jetstream::new(client(&server).await);
     let mut created = js.get_stream("NOPE").await.unwrap();
     assert_eq!(created.info().await.unwrap().config.subjects, vec!["nope.>".to_string()]);
