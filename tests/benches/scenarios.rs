@@ -40,8 +40,15 @@ fn cases() -> Vec<Case> {
     fan.guest = "fanout";
     fan.manifest +=
         "\n[permissions]\npublish = [\"bench.fan-through.out\"]\n[config]\ntargets = \"bench.fan-through.out\"";
-    let mut reuse = case("core-sub-reuse", Mode::Publish, 128, 500_000, 1);
-    reuse.manifest = format!("instance = \"reuse\"\n{}", reuse.manifest);
+    let reused = |mut c: Case| {
+        c.manifest = format!("instance = \"reuse\"\n{}", c.manifest);
+        c
+    };
+    let reuse = reused(case("core-sub-reuse", Mode::Publish, 128, 500_000, 1));
+    // Not one of the scenarios: JetStream without the fresh
+    // instance, to show what the instance costs there.
+    let jetstream_reuse =
+        reused(case("jetstream-ack-reuse", Mode::JetStream { stream: "BENCH".into() }, 128, 50_000, 1));
     vec![
         case("core-sub", Mode::Publish, 128, 200_000, 1),
         case("req-reply-128", Mode::Request, 128, 20_000, 1),
@@ -50,6 +57,7 @@ fn cases() -> Vec<Case> {
         case("jetstream-ack", Mode::JetStream { stream: "BENCH".into() }, 128, 50_000, 1),
         fan,
         reuse,
+        jetstream_reuse,
     ]
 }
 
