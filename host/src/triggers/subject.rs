@@ -62,23 +62,18 @@ pub(super) async fn bind(
             // the tokens would then never be polled, so every so many
             // messages they are checked directly.
             received = received.wrapping_add(1);
-            let step = if !received.is_multiple_of(TOKEN_CHECK_EVERY) {
-                None
-            } else if dispatcher.abandon.is_cancelled() {
-                Some(Step::Abandon)
-            } else if !draining && shutdown.is_cancelled() {
-                Some(Step::Drain)
+            let check = received.is_multiple_of(TOKEN_CHECK_EVERY);
+            let step = if check && dispatcher.abandon.is_cancelled() {
+                Step::Abandon
+            } else if check && !draining && shutdown.is_cancelled() {
+                Step::Drain
             } else {
-                None
-            };
-            let step = match step {
-                Some(step) => step,
-                None => tokio::select! {
+                tokio::select! {
                     biased;
                     m = sub.next() => Step::Message(m),
                     () = shutdown.cancelled(), if !draining => Step::Drain,
                     () = dispatcher.abandon.cancelled() => Step::Abandon,
-                },
+                }
             };
             let next = match step {
                 Step::Message(next) => next,
