@@ -198,10 +198,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds an engine whose pool holds `max_instances` live instances
-    /// and [`STANDBY_INSTANCES`] made ahead of their message, caching compiled code in `cache_dir` when given. With `fuel`, compiled
-    /// code counts the instructions it runs so invocations can have a fuel
-    /// budget; that costs some speed in every guest, so it is opt-in.
+    /// Builds an engine whose pool holds `max_instances` live instances and
+    /// [`STANDBY_INSTANCES`] made ahead of their message, caching compiled
+    /// code in `cache_dir` when given. With `fuel`, compiled code counts the
+    /// instructions it runs so invocations can have a fuel budget; that
+    /// costs some speed in every guest, so it is opt-in.
     pub fn new(max_instances: u32, cache_dir: Option<std::path::PathBuf>, fuel: bool) -> Result<Engine, EngineError> {
         let mut pool = PoolingAllocationConfig::new();
         // A Rust guest is one main core module plus a few small shims; leave
