@@ -345,6 +345,27 @@ async fn an_idle_consumer_drains_a_burst_promptly() {
     host.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_after_an_idle_heartbeat_is_delivered_at_once() {
+    let server = nats();
+    let (js, dir) = worker_setup(&server, WORKER).await;
+    let host = start_host(&server, &dir).await;
+
+    // The open pull has had its first idle heartbeat (every 2 s) by now but
+    // not yet expired (5 s): the message meets a pull that has only ever
+    // seen a heartbeat.
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let sent = Instant::now();
+    publish_numbered(&js, "work", 1).await;
+    eventually(Duration::from_secs(20), "the message is processed", || async { stream_len(&js, "RESULTS").await == 1 })
+        .await;
+    let waited = sent.elapsed();
+    // A trivial message takes milliseconds; a pull that stopped listening
+    // after the heartbeat would deliver it only when the pull ran out.
+    assert!(waited < Duration::from_millis(1_500), "delivered after {waited:?}");
+    host.shutdown().await;
+}
+
 #[tokio::test]
 async fn in_progress_keeps_a_long_job_from_being_redelivered() {
     let server = nats();

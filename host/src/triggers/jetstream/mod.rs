@@ -10,33 +10,29 @@
 //! Under load a pull waits for half a batch of free slots, so the round trip
 //! of one pull overlaps the work of the other half. A pull stays open until
 //! it is filled or expires, so messages published to an idle consumer are
-//! delivered the moment they arrive.
+//! delivered the moment they arrive. The pulls' protocol (one inbox, status
+//! messages, lost pulls) is in `pulls`.
 //!
 //! Settling (ack, nak, term, dead letter) happens in `settle` once the
 //! invocation ends, before the invocation gives its slot back. A success ack
 //! is sent without waiting for the server; naks and give-ups wait for its
 //! confirmation. Invocations never wait on each other's settlements.
 
+mod pulls;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, stream};
-use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use self::pulls::{Event, Interruption, Pulls};
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, JetStreamDelivery, Lanes, Origin};
+use crate::dispatch::{Admission, Delivery, Dispatcher, Lanes, LoadedHandler, Origin};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
 use crate::registry::HandlerSlot;
-
-/// How long one pull stays open waiting for messages. Short enough that a
-/// shutdown or a lost connection is noticed quickly, long enough that an
-/// idle consumer costs next to nothing.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
-
-/// Server heartbeats while a pull is open, to notice a dead connection.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Pause after a failed pull, doubling up to the maximum, so a server
 /// restart is ridden out without spinning.
@@ -62,8 +58,9 @@ pub(super) async fn bind(
     // subscription, and the durable the consumer group.
     let subscription = trigger.filters.first().map_or_else(|| trigger.stream.to_string(), ToString::to_string);
     let origin = Arc::new(Origin::jetstream(trigger.stream.as_str(), subscription, trigger.durable.as_str()));
+    let pulls = Pulls::open(consumer, js).await?;
     let trigger = Arc::new(trigger.clone());
-    Ok(tokio::spawn(pull_loop(consumer, trigger, origin, slot, dispatcher, shutdown)))
+    Ok(tokio::spawn(pull_loop(pulls, trigger, origin, slot, dispatcher, shutdown)))
 }
 
 async fn open_stream(
@@ -129,7 +126,7 @@ fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
 }
 
 async fn pull_loop(
-    consumer: PullConsumer,
+    mut pulls: Pulls,
     trigger: Arc<JetStreamTrigger>,
     origin: Arc<Origin>,
     slot: Arc<HandlerSlot>,
@@ -140,94 +137,105 @@ async fn pull_loop(
     let dispatcher = Arc::new(dispatcher);
     let lanes = Lanes::for_handler(&slot.current());
     let mut retry = RETRY_FIRST;
-    'pull: loop {
+    loop {
         // Versions swapped by a reload share their permits, so the permits of
         // the version current now bound whichever version runs a message.
         let handler = slot.current();
-        // Wait until half a batch of slots is free, then take whatever else
-        // is free right now. Pulling as soon as one slot frees would cost a
-        // round trip per message under load; waiting for half keeps the
-        // other half busy while the next pull is on its way.
+        // Pull once half a batch of slots is free, for whatever is free then,
+        // while the pulls still open owe no more than half a batch. Pulling
+        // as soon as one slot frees would cost a pull per message under
+        // load; at half, the next pull is on its way while the other half
+        // is still being handled.
         let batch = (trigger.batch as usize).min(handler.manifest.limits.max_concurrency as usize).max(1);
-        let want = (batch / 2).max(1) as u32;
-        let first = tokio::select! {
-            p = handler.permits.clone().acquire_many_owned(want) => p,
-            () = shutdown.cancelled() => break,
-        };
-        let Ok(mut first) = first else { break };
-        let mut reserved = Vec::with_capacity(batch);
-        while let Some(one) = first.split(1) {
-            reserved.push(one);
-        }
-        while reserved.len() < batch {
-            match handler.permits.clone().try_acquire_owned() {
-                Ok(p) => reserved.push(p),
-                Err(_) => break,
-            }
-        }
-
-        let pull = consumer
-            .batch()
-            .max_messages(reserved.len())
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await;
-        let mut batch = match pull {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(consumer = %label, "cannot pull, retrying in {retry:?}: {e}");
-                if pause(&mut retry, &shutdown).await {
-                    break;
+        let want = (batch / 2).max(1);
+        let room = batch.saturating_sub(pulls.owed());
+        let event = tokio::select! {
+            // Messages first, as in the core subscription trigger, so a
+            // ready message does not pay for polling the others. The inbox
+            // holds no more than the pulls asked for, so it runs dry and
+            // the token is polled.
+            biased;
+            event = pulls.next() => event,
+            permits = handler.permits.clone().acquire_many_owned(want as u32), if room >= want => {
+                let Ok(permits) = permits else { break };
+                let permits = take_free(&handler.permits, permits, room);
+                if let Err(e) = pulls.request(permits).await {
+                    tracing::warn!(consumer = %label, "cannot pull, retrying in {retry:?}: {e}");
+                    if pause(&mut retry, &shutdown).await {
+                        break;
+                    }
                 }
                 continue;
             }
+            () = shutdown.cancelled() => break,
         };
-        loop {
-            let next = tokio::select! {
-                // Messages first, as in the core subscription trigger, so a
-                // ready message does not pay for polling the token. A batch
-                // holds at most the permits reserved for it, and when it
-                // ends the pull loop above polls the token again.
-                biased;
-                m = batch.next() => m,
-                () = shutdown.cancelled() => break 'pull,
-            };
-            match next {
-                None => break,
-                Some(Ok(msg)) => {
-                    retry = RETRY_FIRST;
-                    let Some(permit) = reserved.pop() else {
-                        // The server sent more than asked for; it will
-                        // redeliver what is not acked.
-                        tracing::warn!(consumer = %label, "pull returned more messages than requested");
-                        break;
-                    };
-                    let handler = slot.current();
-                    let admission = tokio::select! {
-                        biased;
-                        a = dispatcher.admit_reserved(&handler, permit) => a,
-                        () = dispatcher.abandon.cancelled() => break 'pull,
-                    };
-                    dispatcher.start(
-                        &lanes,
-                        handler,
-                        origin.clone(),
-                        Delivery::JetStream(JetStreamDelivery::new(msg), trigger.clone()),
-                        admission,
-                    );
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(consumer = %label, "pull failed, retrying in {retry:?}: {e}");
-                    if pause(&mut retry, &shutdown).await {
-                        break 'pull;
-                    }
+        match event {
+            Event::Message(delivery, reserved) => {
+                retry = RETRY_FIRST;
+                let handler = slot.current();
+                let admission = tokio::select! {
+                    biased;
+                    a = admit(&dispatcher, &handler, reserved) => a,
+                    () = dispatcher.abandon.cancelled() => break,
+                };
+                dispatcher.start(
+                    &lanes,
+                    handler,
+                    origin.clone(),
+                    Delivery::JetStream(delivery, trigger.clone()),
+                    admission,
+                );
+            }
+            // The loop comes round to pull again.
+            Event::Expired => {}
+            Event::Interrupted(Interruption::Silence) => {
+                tracing::warn!(consumer = %label, "no message or heartbeat for a while; pulling again");
+            }
+            Event::Interrupted(Interruption::Refused(why)) => {
+                tracing::warn!(consumer = %label, "the server ended the pulls ({why}), retrying in {retry:?}");
+                if pause(&mut retry, &shutdown).await {
                     break;
+                }
+            }
+            Event::Interrupted(Interruption::Closed) => {
+                tracing::warn!(consumer = %label, "the pull inbox closed, subscribing again in {retry:?}");
+                if pause(&mut retry, &shutdown).await {
+                    break;
+                }
+                if let Err(e) = pulls.reopen().await {
+                    tracing::warn!(consumer = %label, "{e}");
                 }
             }
         }
     }
     tracing::debug!(handler = %slot.current().manifest.name, consumer = %label, "trigger stopped");
+}
+
+/// `first`, split into one permit per message, topped up with whatever
+/// else is free right now, up to `room` in all.
+fn take_free(permits: &Arc<Semaphore>, mut first: OwnedSemaphorePermit, room: usize) -> Vec<OwnedSemaphorePermit> {
+    let mut taken = Vec::with_capacity(room);
+    while let Some(one) = first.split(1) {
+        taken.push(one);
+    }
+    while taken.len() < room {
+        match permits.clone().try_acquire_owned() {
+            Ok(p) => taken.push(p),
+            Err(_) => break,
+        }
+    }
+    taken
+}
+
+/// Admits a delivered message: with the permit its pull reserved, or, for a
+/// message of a pull already written off, a permit of its own. Waiting for
+/// one is safe then: the trigger holds no permits of unanswered pulls that
+/// only it could release (an interruption released them all).
+async fn admit(dispatcher: &Dispatcher, handler: &LoadedHandler, reserved: Option<OwnedSemaphorePermit>) -> Admission {
+    match reserved {
+        Some(permit) => dispatcher.admit_reserved(handler, permit).await,
+        None => dispatcher.admit(handler).await,
+    }
 }
 
 /// Sleeps for `retry` (then doubles it); returns whether shutdown began.

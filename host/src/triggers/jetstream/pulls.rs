@@ -1,0 +1,210 @@
+//! The pull protocol of one durable consumer: one inbox subscription for the
+//! consumer's whole life, pull requests sent on it as permits free up, and
+//! the server's status messages turned into accounting.
+//!
+//! async-nats offers two shapes, and neither fits. `batch()` subscribes a new
+//! inbox for every pull and unsubscribes it after, a round trip of
+//! subscription changes that nats-server pays for per batch, and it stops
+//! listening for messages after an idle heartbeat (a message published then
+//! waited until the pull expired, seconds later). `stream()` keeps one inbox
+//! but pulls on its own schedule, so messages would sit in the client's
+//! buffer with their ack-wait running while the handler has no free slot.
+//! Here every message asked for is backed by a permit, taken before the pull
+//! is sent, and several pulls may be open at once, so the next one is on its
+//! way while the messages of the last are still being handled.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::BatchConfig;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, consumer::pull::BatchRequestError};
+use async_nats::{StatusCode, Subject, Subscriber};
+use futures::StreamExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+
+use super::super::TriggerError;
+use crate::dispatch::JetStreamDelivery;
+
+/// How long one pull stays open waiting for messages. Short enough that a
+/// lost pull is replaced quickly, long enough that an idle consumer costs
+/// next to nothing.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Server heartbeats while a pull is open, to notice a dead connection.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Silence on the inbox, while pulls are open, after which they are taken
+/// for lost (the server forgets a connection's pulls when it drops, and a
+/// reconnect does not bring them back): two missed heartbeats and a margin.
+const SILENCE: Duration = Duration::from_secs(5);
+
+/// What a pull request's end tells about the messages it will not deliver.
+const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
+
+/// Why the pulls that were open are gone.
+#[derive(Debug)]
+pub(super) enum Interruption {
+    /// Nothing, not even a heartbeat, arrived for [`SILENCE`]: the
+    /// connection was lost or the server restarted. Pull again at once.
+    Silence,
+    /// The server ended or refused the pulls (consumer deleted, a request
+    /// over the consumer's limits, no JetStream, ...). Pulling again at
+    /// once would likely be refused again.
+    Refused(String),
+    /// The inbox subscription ended: the client is closed.
+    Closed,
+}
+
+/// What arrives on the inbox that the trigger must act on.
+pub(super) enum Event {
+    /// A message, with the permit reserved for it when it was asked for.
+    /// `None` when the accounting had written its pull off (after an
+    /// interruption a pull the server still held can deliver): the trigger
+    /// must then take a permit as for any other message.
+    Message(Box<JetStreamDelivery>, Option<OwnedSemaphorePermit>),
+    /// A pull ended without delivering all it asked for (it expired), and
+    /// the permits of what it will not deliver were released: there may
+    /// be room to pull again.
+    Expired,
+    /// The open pulls are gone and their permits released.
+    Interrupted(Interruption),
+}
+
+/// One consumer's inbox and the pulls open on it.
+pub(super) struct Pulls {
+    consumer: PullConsumer,
+    context: jetstream::Context,
+    inbox: Subject,
+    subscriber: Subscriber,
+    /// One permit per message asked for and not yet delivered, refused or
+    /// expired. Its length is what the server still owes.
+    owed: Vec<OwnedSemaphorePermit>,
+    /// When the inbox last heard from the server.
+    heard: Instant,
+    /// Fires when the inbox may have gone silent; moved only when it fires,
+    /// so a busy inbox costs no timer updates.
+    silence: Pin<Box<Sleep>>,
+}
+
+impl Pulls {
+    /// Subscribes a fresh inbox for `consumer`'s pulls.
+    pub(super) async fn open(consumer: PullConsumer, context: jetstream::Context) -> Result<Self, TriggerError> {
+        let client = context.client();
+        let inbox = Subject::from(client.new_inbox());
+        let subscriber = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|source| TriggerError::Subscribe { subject: inbox.to_string(), source })?;
+        Ok(Pulls {
+            consumer,
+            context,
+            inbox,
+            subscriber,
+            owed: Vec::new(),
+            heard: Instant::now(),
+            silence: Box::pin(tokio::time::sleep(SILENCE)),
+        })
+    }
+
+    /// Subscribes a fresh inbox in place of one that closed. Pulls sent on
+    /// the old one are written off.
+    pub(super) async fn reopen(&mut self) -> Result<(), TriggerError> {
+        let fresh = Pulls::open(self.consumer.clone(), self.context.clone()).await?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// How many messages the open pulls still owe.
+    pub(super) fn owed(&self) -> usize {
+        self.owed.len()
+    }
+
+    /// Asks for one message per permit. On failure the permits are
+    /// released: nothing was asked for.
+    pub(super) async fn request(&mut self, permits: Vec<OwnedSemaphorePermit>) -> Result<(), BatchRequestError> {
+        let batch = BatchConfig {
+            batch: permits.len(),
+            expires: Some(PULL_EXPIRES),
+            idle_heartbeat: PULL_HEARTBEAT,
+            ..Default::default()
+        };
+        self.consumer.request_batch(batch, self.inbox.clone()).await?;
+        if self.owed.is_empty() {
+            // Silence is measured from the first open pull, not from
+            // whatever the inbox heard before it.
+            self.heard = Instant::now();
+        }
+        self.owed.extend(permits);
+        Ok(())
+    }
+
+    /// The next message, or the end of open pulls. Heartbeats are taken
+    /// here and not returned. Cancel-safe: state changes only once something
+    /// has arrived.
+    pub(super) async fn next(&mut self) -> Event {
+        loop {
+            let listening = !self.owed.is_empty();
+            let arrived = tokio::select! {
+                biased;
+                m = self.subscriber.next() => m,
+                () = self.silence.as_mut(), if listening => {
+                    let deadline = self.heard + SILENCE;
+                    if Instant::now() < deadline {
+                        self.silence.as_mut().reset(deadline);
+                        continue;
+                    }
+                    self.owed.clear();
+                    return Event::Interrupted(Interruption::Silence);
+                }
+            };
+            let Some(message) = arrived else {
+                self.owed.clear();
+                return Event::Interrupted(Interruption::Closed);
+            };
+            self.heard = Instant::now();
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    let permit = self.owed.pop();
+                    let message = jetstream::Message { message, context: self.context.clone() };
+                    return Event::Message(JetStreamDelivery::new(message), permit);
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                Some(status) => return self.ended(status, &message),
+            }
+        }
+    }
+
+    /// Accounts for a pull the server ended with `status`. An expired or
+    /// completed pull says how many messages it will not deliver, and only
+    /// those permits are released; anything else releases every permit,
+    /// since which pulls it ends is unknown.
+    fn ended(&mut self, status: StatusCode, message: &async_nats::Message) -> Event {
+        let description = message.description.as_deref().unwrap_or_default();
+        let undelivered = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(PENDING_MESSAGES))
+            .and_then(|value| value.as_str().parse::<usize>().ok());
+        let benign = status == StatusCode::TIMEOUT || status == StatusCode::REQUEST_TERMINATED;
+        match undelivered {
+            Some(n) if benign && !refusal(description) => {
+                self.owed.truncate(self.owed.len().saturating_sub(n));
+                Event::Expired
+            }
+            _ => {
+                self.owed.clear();
+                Event::Interrupted(Interruption::Refused(
+                    format!("{} {description}", status.as_u16()).trim_end().to_string(),
+                ))
+            }
+        }
+    }
+}
+
+/// Terminations that are not the normal end of a pull and would be repeated
+/// for the next one.
+fn refusal(description: &str) -> bool {
+    description == "Consumer Deleted" || description == "Consumer is push based" || description.starts_with("Exceeded")
+}
