@@ -8,7 +8,7 @@
 //! subset; `--scale F` multiplies every message count (`0.1` for a quick
 //! look).
 
-use natsfn::bench::{self, Machine, Mode, Report, Scenario};
+use natsfn::bench::{self, Machine, Mode, Report, Scenario, NATIVE_JETSTREAM_WINDOW};
 
 use natsfn_e2e::{nats, HandlerDir};
 
@@ -22,9 +22,12 @@ struct Case {
 fn case(name: &str, mode: Mode, payload_size: usize, messages: u64, concurrency: usize) -> Case {
     let subject = format!("bench.{name}");
     let trigger = match &mode {
-        Mode::JetStream { stream } => {
-            format!("[[trigger]]\njetstream = {{ stream = \"{stream}\", durable = \"natsfn\" }}")
-        }
+        // The same window of unacknowledged messages as the native consumer
+        // (the default, 32, gives a third of the throughput: BENCHMARKS.md).
+        Mode::JetStream { stream } => format!(
+            "[limits]\nmax_concurrency = {NATIVE_JETSTREAM_WINDOW}\n\
+             [[trigger]]\njetstream = {{ stream = \"{stream}\", durable = \"natsfn\" }}"
+        ),
         Mode::Publish | Mode::Request => format!("[[trigger]]\nsubject = \"{subject}\""),
     };
     Case {

@@ -32,6 +32,13 @@ use std::time::Duration;
 
 use crate::host::{HostBuilder, HostError};
 
+/// How many messages the native JetStream consumer asks for per pull, and
+/// so about how many it may have unacknowledged at once. A JetStream
+/// handler's throughput is bounded by its own window, `max_concurrency`,
+/// divided by the pull's round trip, so a like-for-like comparison gives
+/// the handler this many slots (the `scenarios` benchmark does).
+pub const NATIVE_JETSTREAM_WINDOW: usize = 256;
+
 /// What the handler under test is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {

@@ -55,7 +55,7 @@ impl Native {
                 })?;
                 let mut messages = consumer
                     .stream()
-                    .max_messages_per_batch(256)
+                    .max_messages_per_batch(super::NATIVE_JETSTREAM_WINDOW)
                     .messages()
                     .await
                     .map_err(|e| BenchError::Nats { context: format!("consume {stream}"), source: e.into() })?;
