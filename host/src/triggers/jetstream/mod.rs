@@ -188,6 +188,9 @@ async fn pull_loop(
             }
             // The loop comes round to pull again.
             Event::Expired => {}
+            Event::Interrupted(Interruption::Reconnected) => {
+                tracing::info!(consumer = %label, "reconnected; pulling again");
+            }
             Event::Interrupted(Interruption::Silence) => {
                 tracing::warn!(consumer = %label, "no message or heartbeat for a while; pulling again");
             }

@@ -14,12 +14,14 @@
 //! way while the messages of the last are still being handled.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, consumer::pull::BatchRequestError};
-use async_nats::{StatusCode, Subject, Subscriber};
+use async_nats::{Statistics, StatusCode, Subject, Subscriber};
 use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
@@ -36,9 +38,13 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Silence on the inbox, while pulls are open, after which they are taken
-/// for lost (the server forgets a connection's pulls when it drops, and a
-/// reconnect does not bring them back): two missed heartbeats and a margin.
+/// for lost: two missed heartbeats and a margin.
 const SILENCE: Duration = Duration::from_secs(5);
+
+/// How often open pulls are checked for silence and for a reconnect. The
+/// server forgets a connection's pulls when it drops, and a reconnect does
+/// not bring them back, so pulling again at once saves up to [`SILENCE`].
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What a pull request's end tells about the messages it will not deliver.
 const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
@@ -46,8 +52,12 @@ const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
 /// Why the pulls that were open are gone.
 #[derive(Debug)]
 pub(super) enum Interruption {
+    /// The client reconnected: the server has forgotten the pulls. Pull
+    /// again at once.
+    Reconnected,
     /// Nothing, not even a heartbeat, arrived for [`SILENCE`]: the
-    /// connection was lost or the server restarted. Pull again at once.
+    /// connection is in trouble or the server lost the pulls. Pull again
+    /// at once.
     Silence,
     /// The server ended or refused the pulls (consumer deleted, a request
     /// over the consumer's limits, no JetStream, ...). Pulling again at
@@ -83,9 +93,13 @@ pub(super) struct Pulls {
     owed: Vec<OwnedSemaphorePermit>,
     /// When the inbox last heard from the server.
     heard: Instant,
-    /// Fires when the inbox may have gone silent; moved only when it fires,
-    /// so a busy inbox costs no timer updates.
-    silence: Pin<Box<Sleep>>,
+    /// The client's counters, for its connection count.
+    stats: Arc<Statistics>,
+    /// The connection count when the open pulls were sent.
+    connects: u64,
+    /// Fires every [`CHECK_EVERY`] while pulls are open; moved only when it
+    /// fires, so a busy inbox costs no timer updates.
+    check: Pin<Box<Sleep>>,
 }
 
 impl Pulls {
@@ -104,7 +118,9 @@ impl Pulls {
             subscriber,
             owed: Vec::new(),
             heard: Instant::now(),
-            silence: Box::pin(tokio::time::sleep(SILENCE)),
+            stats: client.statistics(),
+            connects: 0,
+            check: Box::pin(tokio::time::sleep(CHECK_EVERY)),
         })
     }
 
@@ -133,8 +149,10 @@ impl Pulls {
         self.consumer.request_batch(batch, self.inbox.clone()).await?;
         if self.owed.is_empty() {
             // Silence is measured from the first open pull, not from
-            // whatever the inbox heard before it.
+            // whatever the inbox heard before it, and a reconnect counts
+            // only if it comes after.
             self.heard = Instant::now();
+            self.connects = self.connects_so_far();
         }
         self.owed.extend(permits);
         Ok(())
@@ -149,14 +167,18 @@ impl Pulls {
             let arrived = tokio::select! {
                 biased;
                 m = self.subscriber.next() => m,
-                () = self.silence.as_mut(), if listening => {
-                    let deadline = self.heard + SILENCE;
-                    if Instant::now() < deadline {
-                        self.silence.as_mut().reset(deadline);
+                () = self.check.as_mut(), if listening => {
+                    let now = Instant::now();
+                    self.check.as_mut().reset(now + CHECK_EVERY);
+                    let interruption = if self.connects_so_far() != self.connects {
+                        Interruption::Reconnected
+                    } else if now.duration_since(self.heard) >= SILENCE {
+                        Interruption::Silence
+                    } else {
                         continue;
-                    }
+                    };
                     self.owed.clear();
-                    return Event::Interrupted(Interruption::Silence);
+                    return Event::Interrupted(interruption);
                 }
             };
             let Some(message) = arrived else {
@@ -174,6 +196,11 @@ impl Pulls {
                 Some(status) => return self.ended(status, &message),
             }
         }
+    }
+
+    /// How many times the client has connected, the first time included.
+    fn connects_so_far(&self) -> u64 {
+        self.stats.connects.load(Ordering::Relaxed)
     }
 
     /// Accounts for a pull the server ended with `status`. An expired or
