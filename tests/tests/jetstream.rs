@@ -366,6 +366,32 @@ async fn a_message_after_an_idle_heartbeat_is_delivered_at_once() {
     host.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_is_made_again_and_consumption_resumes() {
+    let server = nats();
+    let (js, dir) = worker_setup(&server, WORKER).await;
+    let host = start_host(&server, &dir).await;
+    publish_numbered(&js, "work", 10).await;
+    eventually(Duration::from_secs(10), "the first ten", || async { stream_len(&js, "RESULTS").await == 10 }).await;
+
+    // An operator removes the durable while the host has pulls open on it.
+    js.get_stream("WORK").await.unwrap().delete_consumer("workers").await.unwrap();
+    let more = futures::stream::iter(10..20)
+        .then(|i| {
+            let js = js.clone();
+            async move { js.publish(format!("work.{i}"), i.to_string().into()).await.unwrap().await.unwrap() }
+        })
+        .count()
+        .await;
+    assert_eq!(more, 10);
+    // The consumer comes back as the manifest describes it (deliver all):
+    // the first ten are delivered again, and their results deduplicated.
+    eventually(Duration::from_secs(20), "twenty results", || async { stream_len(&js, "RESULTS").await == 20 }).await;
+    drained(&js, "WORK", "workers").await;
+    assert_eq!(stream_len(&js, "RESULTS").await, 20);
+    host.shutdown().await;
+}
+
 #[tokio::test]
 async fn in_progress_keeps_a_long_job_from_being_redelivered() {
     let server = nats();

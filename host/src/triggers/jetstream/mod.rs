@@ -2,7 +2,8 @@
 //! host crashes and restarts.
 //!
 //! The host creates or updates the durable consumer to match the manifest
-//! (the stream itself only when the host may create streams), then pulls.
+//! (the stream itself only when the host may create streams), then pulls;
+//! should the consumer be deleted while the host runs, it is made again.
 //! Flow control is by permits: each pull asks for exactly as many messages
 //! as the handler has free concurrency slots (at most `batch`), so nothing
 //! sits in a buffer with its ack-wait clock running, and the server never
@@ -51,8 +52,11 @@ pub(super) async fn bind(
     // A KV bucket's stream is the bucket: it is created as a bucket (host
     // config), never as a plain stream.
     let stream = open_stream(&js, trigger, create_streams && trigger.kv.is_none()).await?;
-    let consumer: PullConsumer = stream.create_consumer(consumer_config(trigger)?).await.map_err(|source| {
-        TriggerError::Consumer { stream: trigger.stream.to_string(), durable: trigger.durable.to_string(), source }
+    let durable = Durable { stream, config: consumer_config(trigger)? };
+    let consumer: PullConsumer = durable.make().await.map_err(|source| TriggerError::Consumer {
+        stream: trigger.stream.to_string(),
+        durable: trigger.durable.to_string(),
+        source,
     })?;
     // Spans name JetStream invocations after the stream; the filter is the
     // subscription, and the durable the consumer group.
@@ -60,7 +64,21 @@ pub(super) async fn bind(
     let origin = Arc::new(Origin::jetstream(trigger.stream.as_str(), subscription, trigger.durable.as_str()));
     let pulls = Pulls::open(consumer, js).await?;
     let trigger = Arc::new(trigger.clone());
-    Ok(tokio::spawn(pull_loop(pulls, trigger, origin, slot, dispatcher, shutdown)))
+    Ok(tokio::spawn(pull_loop(pulls, durable, trigger, origin, slot, dispatcher, shutdown)))
+}
+
+/// The durable consumer as the manifest describes it, kept so that it can
+/// be made again if it is deleted while the host runs.
+struct Durable {
+    stream: stream::Stream,
+    config: pull::Config,
+}
+
+impl Durable {
+    /// Creates the consumer, or updates it to match.
+    async fn make(&self) -> Result<PullConsumer, stream::ConsumerError> {
+        self.stream.create_consumer(self.config.clone()).await
+    }
 }
 
 async fn open_stream(
@@ -127,6 +145,7 @@ fn consumer_config(t: &JetStreamTrigger) -> Result<pull::Config, TriggerError> {
 
 async fn pull_loop(
     mut pulls: Pulls,
+    durable: Durable,
     trigger: Arc<JetStreamTrigger>,
     origin: Arc<Origin>,
     slot: Arc<HandlerSlot>,
@@ -193,6 +212,18 @@ async fn pull_loop(
             }
             Event::Interrupted(Interruption::Silence) => {
                 tracing::warn!(consumer = %label, "no message or heartbeat for a while; pulling again");
+            }
+            Event::Interrupted(Interruption::Gone(why)) => {
+                tracing::warn!(
+                    consumer = %label,
+                    "the consumer is gone ({why}); making it again as the manifest describes in {retry:?}"
+                );
+                if pause(&mut retry, &shutdown).await {
+                    break;
+                }
+                if let Err(e) = durable.make().await {
+                    tracing::warn!(consumer = %label, "cannot make the consumer again: {e}");
+                }
             }
             Event::Interrupted(Interruption::Refused(why)) => {
                 tracing::warn!(consumer = %label, "the server ended the pulls ({why}), retrying in {retry:?}");

@@ -46,6 +46,9 @@ const SILENCE: Duration = Duration::from_secs(5);
 /// not bring them back, so pulling again at once saves up to [`SILENCE`].
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How the server ends pulls on a consumer that was deleted.
+const CONSUMER_DELETED: &str = "Consumer Deleted";
+
 /// What a pull request's end tells about the messages it will not deliver.
 const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
 
@@ -59,9 +62,12 @@ pub(super) enum Interruption {
     /// connection is in trouble or the server lost the pulls. Pull again
     /// at once.
     Silence,
-    /// The server ended or refused the pulls (consumer deleted, a request
-    /// over the consumer's limits, no JetStream, ...). Pulling again at
-    /// once would likely be refused again.
+    /// The consumer is not there: the server says it was deleted, or
+    /// nothing answers pulls for it. Pulling again needs it made again.
+    Gone(String),
+    /// The server ended or refused the pulls (a request over the
+    /// consumer's limits, a leader change, ...). Pulling again at once would
+    /// likely be refused again.
     Refused(String),
     /// The inbox subscription ended: the client is closed.
     Closed,
@@ -203,29 +209,48 @@ impl Pulls {
         self.stats.connects.load(Ordering::Relaxed)
     }
 
-    /// Accounts for a pull the server ended with `status`. An expired or
-    /// completed pull says how many messages it will not deliver, and only
-    /// those permits are released; anything else releases every permit,
-    /// since which pulls it ends is unknown.
+    /// Accounts for a pull the server ended with `status`: only the
+    /// permits of what an expired pull will not deliver are released, or
+    /// every permit when which pulls the status ends is unknown.
     fn ended(&mut self, status: StatusCode, message: &async_nats::Message) -> Event {
-        let description = message.description.as_deref().unwrap_or_default();
         let undelivered = message
             .headers
             .as_ref()
             .and_then(|headers| headers.get(PENDING_MESSAGES))
             .and_then(|value| value.as_str().parse::<usize>().ok());
-        let benign = status == StatusCode::TIMEOUT || status == StatusCode::REQUEST_TERMINATED;
-        match undelivered {
-            Some(n) if benign && !refusal(description) => {
+        match ending(status, message.description.as_deref().unwrap_or_default(), undelivered) {
+            Ending::Expired(n) => {
                 self.owed.truncate(self.owed.len().saturating_sub(n));
                 Event::Expired
             }
-            _ => {
+            Ending::Interrupted(interruption) => {
                 self.owed.clear();
-                Event::Interrupted(Interruption::Refused(
-                    format!("{} {description}", status.as_u16()).trim_end().to_string(),
-                ))
+                Event::Interrupted(interruption)
             }
+        }
+    }
+}
+
+/// What a status message on the inbox means for the open pulls.
+#[derive(Debug)]
+enum Ending {
+    /// One pull ended normally (expired) and will not deliver this many.
+    Expired(usize),
+    /// The open pulls are all gone.
+    Interrupted(Interruption),
+}
+
+/// Reads a status the server sent instead of a message. A pull that expires
+/// (408) or ends early (409 with the pending count) says how many messages
+/// it will not deliver; without that count, which pulls ended is unknown.
+fn ending(status: StatusCode, description: &str, undelivered: Option<usize>) -> Ending {
+    let normal_end = status == StatusCode::TIMEOUT || status == StatusCode::REQUEST_TERMINATED;
+    match undelivered {
+        Some(n) if normal_end && !refusal(description) => Ending::Expired(n),
+        _ => {
+            let why = format!("{} {description}", status.as_u16()).trim_end().to_string();
+            let gone = status == StatusCode::NO_RESPONDERS || description == CONSUMER_DELETED;
+            Ending::Interrupted(if gone { Interruption::Gone(why) } else { Interruption::Refused(why) })
         }
     }
 }
@@ -233,5 +258,38 @@ impl Pulls {
 /// Terminations that are not the normal end of a pull and would be repeated
 /// for the next one.
 fn refusal(description: &str) -> bool {
-    description == "Consumer Deleted" || description == "Consumer is push based" || description.starts_with("Exceeded")
+    description == CONSUMER_DELETED || description == "Consumer is push based" || description.starts_with("Exceeded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(n: u16) -> StatusCode {
+        StatusCode::from_u16(n).unwrap()
+    }
+
+    #[test]
+    fn an_expired_pull_releases_only_what_it_will_not_deliver() {
+        assert!(matches!(ending(code(408), "Request Timeout", Some(12)), Ending::Expired(12)));
+        assert!(matches!(ending(code(409), "Batch Completed", Some(3)), Ending::Expired(3)));
+    }
+
+    #[test]
+    fn a_deleted_or_unanswered_consumer_is_gone() {
+        let deleted = ending(code(409), "Consumer Deleted", None);
+        assert!(matches!(&deleted, Ending::Interrupted(Interruption::Gone(why)) if why == "409 Consumer Deleted"));
+        assert!(matches!(ending(code(503), "", None), Ending::Interrupted(Interruption::Gone(why)) if why == "503"));
+    }
+
+    #[test]
+    fn refusals_and_unknown_ends_interrupt_every_pull() {
+        // A refusal ends the stream of pulls even if it carries a count.
+        let limit = ending(code(409), "Exceeded MaxRequestBatch of 10", Some(5));
+        assert!(matches!(limit, Ending::Interrupted(Interruption::Refused(why)) if why.contains("MaxRequestBatch")));
+        // Without a count there is no knowing which pull ended.
+        assert!(matches!(ending(code(409), "Leadership Change", None), Ending::Interrupted(Interruption::Refused(_))));
+        assert!(matches!(ending(code(408), "Request Timeout", None), Ending::Interrupted(Interruption::Refused(_))));
+        assert!(matches!(ending(code(400), "Bad Request", None), Ending::Interrupted(Interruption::Refused(_))));
+    }
 }
