@@ -24,7 +24,13 @@ async fn make_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> 
 /// Publishes `n` messages `prefix.<i>` with payload `<i>` and waits for
 /// every stream ack.
 async fn publish_numbered(js: &jetstream::Context, prefix: &str, n: usize) {
-    let acks = futures::stream::iter(0..n)
+    publish_range(js, prefix, 0..n).await;
+}
+
+/// Like [`publish_numbered`], for the numbers in `range`.
+async fn publish_range(js: &jetstream::Context, prefix: &str, range: std::ops::Range<usize>) {
+    let n = range.len();
+    let acks = futures::stream::iter(range)
         .map(|i| {
             let js = js.clone();
             let prefix = prefix.to_owned();
@@ -43,6 +49,11 @@ async fn stream_len(js: &jetstream::Context, name: &str) -> u64 {
 /// The stream's message count, or `None` while the server cannot answer.
 async fn try_stream_len(js: &jetstream::Context, name: &str) -> Option<u64> {
     Some(js.get_stream(name).await.ok()?.info().await.ok()?.state.messages)
+}
+
+/// Waits up to `within` for the RESULTS stream to hold `n` messages.
+async fn results_reach(js: &jetstream::Context, n: u64, within: Duration) {
+    eventually(within, &format!("{n} results"), || async { stream_len(js, "RESULTS").await == n }).await;
 }
 
 async fn consumer(js: &jetstream::Context, stream: &str, durable: &str) -> PullConsumer {
@@ -93,8 +104,7 @@ async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
     let host_b = start_host(&server, &dir).await;
 
     publish_numbered(&js, "work", 10_000).await;
-    eventually(Duration::from_secs(120), "10,000 results", || async { stream_len(&js, "RESULTS").await == 10_000 })
-        .await;
+    results_reach(&js, 10_000, Duration::from_secs(120)).await;
     let info = drained(&js, "WORK", "workers").await;
     assert_eq!(info.num_redelivered, 0, "nothing was delivered twice: {info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 10_000);
@@ -340,8 +350,7 @@ async fn an_idle_consumer_drains_a_burst_promptly() {
     publish_numbered(&js, "work", 500).await;
     // A stalled pull would sit until its expiry or longer; 10 s is generous
     // for 500 trivial messages and far below any stall.
-    eventually(Duration::from_secs(10), "the burst is drained", || async { stream_len(&js, "RESULTS").await == 500 })
-        .await;
+    results_reach(&js, 500, Duration::from_secs(10)).await;
     host.shutdown().await;
 }
 
@@ -357,8 +366,7 @@ async fn a_message_after_an_idle_heartbeat_is_delivered_at_once() {
     tokio::time::sleep(Duration::from_millis(2_600)).await;
     let sent = Instant::now();
     publish_numbered(&js, "work", 1).await;
-    eventually(Duration::from_secs(20), "the message is processed", || async { stream_len(&js, "RESULTS").await == 1 })
-        .await;
+    results_reach(&js, 1, Duration::from_secs(20)).await;
     let waited = sent.elapsed();
     // A trivial message takes milliseconds; a pull that stopped listening
     // after the heartbeat would deliver it only when the pull ran out.
@@ -372,21 +380,14 @@ async fn a_deleted_consumer_is_made_again_and_consumption_resumes() {
     let (js, dir) = worker_setup(&server, WORKER).await;
     let host = start_host(&server, &dir).await;
     publish_numbered(&js, "work", 10).await;
-    eventually(Duration::from_secs(10), "the first ten", || async { stream_len(&js, "RESULTS").await == 10 }).await;
+    results_reach(&js, 10, Duration::from_secs(10)).await;
 
     // An operator removes the durable while the host has pulls open on it.
     js.get_stream("WORK").await.unwrap().delete_consumer("workers").await.unwrap();
-    let more = futures::stream::iter(10..20)
-        .then(|i| {
-            let js = js.clone();
-            async move { js.publish(format!("work.{i}"), i.to_string().into()).await.unwrap().await.unwrap() }
-        })
-        .count()
-        .await;
-    assert_eq!(more, 10);
+    publish_range(&js, "work", 10..20).await;
     // The consumer comes back as the manifest describes it (deliver all):
     // the first ten are delivered again, and their results deduplicated.
-    eventually(Duration::from_secs(20), "twenty results", || async { stream_len(&js, "RESULTS").await == 20 }).await;
+    results_reach(&js, 20, Duration::from_secs(20)).await;
     drained(&js, "WORK", "workers").await;
     assert_eq!(stream_len(&js, "RESULTS").await, 20);
     host.shutdown().await;
