@@ -8,8 +8,9 @@
 //! as the handler has free concurrency slots (at most `batch`), so nothing
 //! sits in a buffer with its ack-wait clock running, and the server never
 //! has more than `max_concurrency` of this host's messages unacknowledged.
-//! Under load a pull waits for half a batch of free slots, so the round trip
-//! of one pull overlaps the work of the other half. A pull stays open until
+//! Under load a pull waits for a quarter of a batch of free slots, and
+//! several pulls are open at once, so their round trips overlap the work
+//! on the messages already delivered. A pull stays open until
 //! it is filled or expires, so messages published to an idle consumer are
 //! delivered the moment they arrive. The pulls' protocol (one inbox, status
 //! messages, lost pulls) is in `pulls`.
@@ -160,13 +161,15 @@ async fn pull_loop(
         // Versions swapped by a reload share their permits, so the permits of
         // the version current now bound whichever version runs a message.
         let handler = slot.current();
-        // Pull once half a batch of slots is free, for whatever is free then,
-        // while the pulls still open owe no more than half a batch. Pulling
-        // as soon as one slot frees would cost a pull per message under
-        // load; at half, the next pull is on its way while the other half
-        // is still being handled.
+        // Pull once a quarter of a batch of slots is free, for whatever is
+        // free then, while the pulls still open owe no more than the rest.
+        // Pulling as soon as one slot frees would cost a pull per message
+        // under load. A pull's round trip under load is long (~0.4 ms), and
+        // the smaller share keeps fewer slots idle while it is on its way:
+        // at the default 32 slots a quarter gave 15-40 % more than a half,
+        // at 256 the share made no difference (BENCHMARKS.md).
         let batch = (trigger.batch as usize).min(handler.manifest.limits.max_concurrency as usize).max(1);
-        let want = (batch / 2).max(1);
+        let want = (batch / 4).max(1);
         let room = batch.saturating_sub(pulls.owed());
         let event = tokio::select! {
             // Messages first, as in the core subscription trigger, so a
