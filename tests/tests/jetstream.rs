@@ -375,6 +375,39 @@ async fn a_message_after_an_idle_heartbeat_is_delivered_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_trigger_of_a_handler_with_idle_pulls_delivers_at_once() {
+    let server = nats();
+    let manifest = WORKER.replace(
+        "[permissions]",
+        "[[trigger]]\njetstream = { stream = \"JOBS\", durable = \"jobs\", filter = \"jobs.>\" }\n\
+         [[trigger]]\nsubject = \"ask\"\n[permissions]",
+    );
+    let (js, dir) = worker_setup(&server, &manifest).await;
+    make_stream(&js, "JOBS", &["jobs.>"]).await;
+    let host = start_host(&server, &dir).await;
+
+    // Both pulls are open by now. An idle pull holds slots for the messages
+    // it asks for: were one trigger to hold all of the handler's slots, the
+    // others could not run a message until that pull expired.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = client(&server).await;
+    let sent = Instant::now();
+    assert_eq!(
+        text(&request(&client, "ask", "x").await),
+        "invalid: ack: the message being handled is not from JetStream"
+    );
+    assert!(sent.elapsed() < Duration::from_millis(1_500), "the core message waited {:?}", sent.elapsed());
+
+    let sent = Instant::now();
+    publish_numbered(&js, "work", 1).await;
+    publish_numbered(&js, "jobs", 1).await;
+    results_reach(&js, 2, Duration::from_secs(20)).await;
+    let waited = sent.elapsed();
+    assert!(waited < Duration::from_millis(1_500), "both delivered only after {waited:?}");
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_consumer_is_made_again_and_consumption_resumes() {
     let server = nats();
     let (js, dir) = worker_setup(&server, WORKER).await;

@@ -168,7 +168,7 @@ async fn pull_loop(
         // the smaller share keeps fewer slots idle while it is on its way:
         // at the default 32 slots a quarter gave 15-40 % more than a half,
         // at 256 the share made no difference (BENCHMARKS.md).
-        let batch = (trigger.batch as usize).min(handler.manifest.limits.max_concurrency as usize).max(1);
+        let batch = window(&trigger, &handler);
         let want = (batch / 4).max(1);
         let room = batch.saturating_sub(pulls.owed());
         let event = tokio::select! {
@@ -246,6 +246,17 @@ async fn pull_loop(
         }
     }
     tracing::debug!(handler = %slot.current().manifest.name, consumer = %label, "trigger stopped");
+}
+
+/// How many messages this trigger's open pulls may ask for at once: its
+/// `batch`, and no more than its share of the handler's slots. An open pull
+/// holds slots for the messages it asked for until it expires, so a trigger
+/// holding all of them would keep the handler's other triggers from running
+/// anything for seconds. (With fewer slots than triggers, each still gets
+/// one.)
+fn window(trigger: &JetStreamTrigger, handler: &LoadedHandler) -> usize {
+    let share = handler.manifest.limits.max_concurrency as usize / handler.manifest.triggers.len().max(1);
+    (trigger.batch as usize).min(share).max(1)
 }
 
 /// `first`, split into one permit per message, topped up with whatever
