@@ -9,11 +9,11 @@
 //! sits in a buffer with its ack-wait clock running, and the server never
 //! has more than `max_concurrency` of this host's messages unacknowledged.
 //! Under load a pull waits for a quarter of a batch of free slots, and
-//! several pulls are open at once, so their round trips overlap the work
-//! on the messages already delivered. A pull stays open until
-//! it is filled or expires, so messages published to an idle consumer are
-//! delivered the moment they arrive. The pulls' protocol (one inbox, status
-//! messages, lost pulls) is in `pulls`.
+//! several pulls are open at once, so their round trips overlap the work on
+//! the messages already delivered. A pull stays open until it is filled or
+//! expires, so messages published to an idle consumer are delivered the
+//! moment they arrive. The pulls' protocol (one inbox, status messages, lost
+//! pulls) is in `pulls`.
 //!
 //! Settling (ack, nak, term, dead letter) happens in `settle` once the
 //! invocation ends, before the invocation gives its slot back. A success ack
