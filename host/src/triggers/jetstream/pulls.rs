@@ -38,7 +38,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Silence on the inbox, while pulls are open, after which they are taken
-/// for lost: two missed heartbeats and a margin.
+/// for lost: two missed heartbeats and a margin (judged at each check, so
+/// up to [`CHECK_EVERY`] later).
 const SILENCE: Duration = Duration::from_secs(5);
 
 /// How often open pulls are checked for silence and for a reconnect. The
@@ -97,8 +98,12 @@ pub(super) struct Pulls {
     /// One permit per message asked for and not yet delivered, refused or
     /// expired. Its length is what the server still owes.
     owed: Vec<OwnedSemaphorePermit>,
-    /// When the inbox last heard from the server.
+    /// When the inbox was last found to have heard from the server, as of
+    /// the latest check (or the first open pull).
     heard: Instant,
+    /// Whether anything arrived since the latest check. A flag, not a clock
+    /// read per message: silence is only judged once a check comes round.
+    heard_since_check: bool,
     /// The client's counters, for its connection count.
     stats: Arc<Statistics>,
     /// The connection count when the open pulls were sent.
@@ -124,6 +129,7 @@ impl Pulls {
             subscriber,
             owed: Vec::new(),
             heard: Instant::now(),
+            heard_since_check: false,
             stats: client.statistics(),
             connects: 0,
             check: Box::pin(tokio::time::sleep(CHECK_EVERY)),
@@ -158,6 +164,7 @@ impl Pulls {
             // whatever the inbox heard before it, and a reconnect counts
             // only if it comes after.
             self.heard = Instant::now();
+            self.heard_since_check = false;
             self.connects = self.connects_so_far();
         }
         self.owed.extend(permits);
@@ -176,6 +183,9 @@ impl Pulls {
                 () = self.check.as_mut(), if listening => {
                     let now = Instant::now();
                     self.check.as_mut().reset(now + CHECK_EVERY);
+                    if std::mem::take(&mut self.heard_since_check) {
+                        self.heard = now;
+                    }
                     let interruption = if self.connects_so_far() != self.connects {
                         Interruption::Reconnected
                     } else if now.duration_since(self.heard) >= SILENCE {
@@ -191,7 +201,7 @@ impl Pulls {
                 self.owed.clear();
                 return Event::Interrupted(Interruption::Closed);
             };
-            self.heard = Instant::now();
+            self.heard_since_check = true;
             match message.status {
                 None | Some(StatusCode::OK) => {
                     let permit = self.owed.pop();
