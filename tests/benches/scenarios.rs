@@ -23,7 +23,8 @@ fn case(name: &str, mode: Mode, payload_size: usize, messages: u64, concurrency:
     let subject = format!("bench.{name}");
     let trigger = match &mode {
         // The same window of unacknowledged messages as the native consumer
-        // (the default, 32, gives a third of the throughput: BENCHMARKS.md).
+        // (with the default, 32, a handler gets about half to two thirds of
+        // the throughput: BENCHMARKS.md).
         Mode::JetStream { stream } => format!(
             "[limits]\nmax_concurrency = {NATIVE_JETSTREAM_WINDOW}\n\
              [[trigger]]\njetstream = {{ stream = \"{stream}\", durable = \"natsfn\" }}"

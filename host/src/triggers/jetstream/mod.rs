@@ -5,9 +5,10 @@
 //! (the stream itself only when the host may create streams), then pulls;
 //! should the consumer be deleted while the host runs, it is made again.
 //! Flow control is by permits: each pull asks for exactly as many messages
-//! as the handler has free concurrency slots (at most `batch`), so nothing
-//! sits in a buffer with its ack-wait clock running, and the server never
-//! has more than `max_concurrency` of this host's messages unacknowledged.
+//! as the handler has free concurrency slots (at most `batch`, and at most
+//! the trigger's share of the slots, see `window`), so nothing sits in a
+//! buffer with its ack-wait clock running, and the server never has more
+//! than `max_concurrency` of this host's messages unacknowledged.
 //! Under load a pull waits for a quarter of a batch of free slots, and
 //! several pulls are open at once, so their round trips overlap the work on
 //! the messages already delivered. A pull stays open until it is filled or
