@@ -67,16 +67,31 @@ impl Subject {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The subject's string, without copying it.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl FromStr for Subject {
     type Err = SubjectError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if check(s)? {
-            return Err(SubjectError::Wildcard(s.to_owned()));
+        s.to_owned().try_into()
+    }
+}
+
+/// Validates a subject a guest handed over, keeping its string rather than
+/// copying it: sends check one per message.
+impl TryFrom<String> for Subject {
+    type Error = SubjectError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if check(&s)? {
+            return Err(SubjectError::Wildcard(s));
         }
-        Ok(Subject(s.to_owned()))
+        Ok(Subject(s))
     }
 }
 

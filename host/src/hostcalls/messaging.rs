@@ -35,8 +35,8 @@ impl Invocation {
     /// handler's grant for `verb` covers it, the payload is within the
     /// tenant's ceiling and the tenant's send rate has room. A denial is
     /// logged with who asked and names the subject to the guest.
-    fn permitted(&self, subject: &str, verb: Verb, payload_len: usize) -> Result<Subject, WitError> {
-        let subject: Subject = subject.parse().map_err(|e| WitError::Invalid(format!("{e}")))?;
+    fn permitted(&self, subject: String, verb: Verb, payload_len: usize) -> Result<Subject, WitError> {
+        let subject = Subject::try_from(subject).map_err(|e| WitError::Invalid(format!("{e}")))?;
         let perms = &self.manifest.permissions;
         let (allowed, what) = match verb {
             Verb::Publish => (perms.may_publish(&subject), "publish"),
@@ -124,9 +124,9 @@ impl Invocation {
         headers: Vec<(String, String)>,
         payload: Vec<u8>,
     ) -> Result<(), CallError> {
-        let subject = self.permitted(&subject, Verb::Publish, payload.len())?;
+        let subject = self.permitted(subject, Verb::Publish, payload.len())?;
         let headers = outgoing_headers(span, headers)?;
-        let subject = subject.as_str().to_owned();
+        let subject = subject.into_string();
         let sent = match headers {
             Some(h) => self.tenant.nats.publish_with_headers(subject, h, payload.into()).await,
             None => self.tenant.nats.publish(subject, payload.into()).await,
@@ -147,7 +147,7 @@ impl Invocation {
         payload: Vec<u8>,
         timeout_ms: u32,
     ) -> Result<Message, CallError> {
-        let subject = self.permitted(&subject, Verb::Request, payload.len())?;
+        let subject = self.permitted(subject, Verb::Request, payload.len())?;
         let headers = outgoing_headers(span, headers)?;
         // The guest's own timeout, but never past the invocation's deadline:
         // a request must not keep an instance alive after its time is up.
@@ -161,7 +161,7 @@ impl Invocation {
             request = request.headers(h);
         }
         let reply =
-            self.tenant.nats.send_request(subject.as_str().to_owned(), request).await.map_err(|e| match e.kind() {
+            self.tenant.nats.send_request(subject.into_string(), request).await.map_err(|e| match e.kind() {
                 RequestErrorKind::TimedOut => WitError::Timeout,
                 RequestErrorKind::NoResponders => WitError::NoResponders,
                 RequestErrorKind::InvalidSubject => WitError::Invalid(e.to_string()),
@@ -179,7 +179,7 @@ impl Invocation {
         payload: Vec<u8>,
         msg_id: Option<String>,
     ) -> Result<u64, CallError> {
-        let subject = self.permitted(&subject, Verb::Publish, payload.len())?;
+        let subject = self.permitted(subject, Verb::Publish, payload.len())?;
         let mut publish = PublishMessage::build().payload(payload.into());
         if let Some(h) = outgoing_headers(span, headers)? {
             publish = publish.headers(h);
@@ -191,7 +191,7 @@ impl Invocation {
             publish = publish.message_id(id);
         }
         let js = async_nats::jetstream::new(self.tenant.nats.clone());
-        let stored = async { js.send_publish(subject.as_str().to_owned(), publish).await?.await };
+        let stored = async { js.send_publish(subject.into_string(), publish).await?.await };
         // The stream's acknowledgement can take a while under load; never
         // past the invocation's deadline.
         let ack = tokio::time::timeout_at(self.deadline, stored).await.map_err(|_| WitError::Timeout)?.map_err(
