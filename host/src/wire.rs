@@ -64,8 +64,6 @@ pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
     }
 }
 
-/// Turns a JetStream message into the WIT record, with its stream position,
-/// and for a KV watch the key, revision and operation. The reply subject is
 /// The delivery data JetStream encodes in a message's reply subject,
 /// parsed once per delivery: the span, the guest and the settlement all
 /// read it from here.
@@ -81,6 +79,8 @@ pub(crate) fn jetstream_meta(msg: &async_nats::jetstream::Message) -> Option<Jet
     })
 }
 
+/// Turns a JetStream message into the WIT record, with its stream position,
+/// and for a KV watch the key, revision and operation. The reply subject is
 /// left out: for JetStream it is the ack subject.
 pub(crate) fn jetstream_to_wit(
     msg: &async_nats::jetstream::Message,
