@@ -94,6 +94,12 @@ struct BenchArgs {
     #[arg(long, default_value = "bench")]
     name: String,
 
+    /// Rounds of both sides, alternating which goes first. Each side's
+    /// figures are then medians, and the ratio is the median of the rounds'
+    /// ratios: on a machine whose speed drifts (a VM), use 5 or more.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    rounds: u32,
+
     /// Also write the results as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -453,10 +459,11 @@ async fn bench(args: BenchArgs) -> ExitCode {
         concurrency: args.concurrency.max(1),
         output: args.output,
     };
-    let host = Host::builder().handlers_dir_all(args.handlers.dirs).max_instances(args.max_instances);
+    let (dirs, max_instances) = (args.handlers.dirs, args.max_instances);
+    let host = || Host::builder().handlers_dir_all(dirs.clone()).max_instances(max_instances);
     let measured = async {
         let machine = Machine::detect(&url).await?;
-        let result = bench::run(&url, &scenario, host).await?;
+        let result = bench::run(&url, &scenario, args.rounds, host).await?;
         Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_cost: None, idle: None })
     };
     let code = match measured.await {

@@ -6,7 +6,8 @@
 //!
 //! Flags: `--json PATH` writes the JSON report; `--only NAME[,NAME]` runs a
 //! subset; `--scale F` multiplies every message count (`0.1` for a quick
-//! look).
+//! look); `--rounds N` measures each scenario N times, alternating which
+//! side goes first, and reports medians (`natsfn bench --rounds`).
 
 use natsfn::bench::{self, Machine, Mode, Report, Scenario, NATIVE_JETSTREAM_WINDOW};
 
@@ -99,6 +100,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scale: f64 = flag(&args, "--scale").map_or(1.0, |s| s.parse().expect("--scale takes a number"));
     let only: Option<Vec<String>> = flag(&args, "--only").map(|s| s.split(',').map(str::to_owned).collect());
+    let rounds: u32 = flag(&args, "--rounds").map_or(1, |s| s.parse().expect("--rounds takes a count"));
     let mut results = Vec::new();
     let mut machine: Option<Machine> = None;
     for mut c in cases() {
@@ -112,10 +114,11 @@ async fn main() {
         }
         let dir = HandlerDir::new();
         dir.add("handler", "handler", c.guest, &c.manifest);
-        let host = natsfn::Host::builder().handlers_dir(dir.path());
-        eprintln!("running {} ({} messages per side)", c.scenario.name, c.scenario.messages);
-        let result =
-            bench::run(&server.url(), &c.scenario, host).await.unwrap_or_else(|e| panic!("{}: {e}", c.scenario.name));
+        let host = || natsfn::Host::builder().handlers_dir(dir.path());
+        eprintln!("running {} ({} messages per side, {rounds} rounds)", c.scenario.name, c.scenario.messages);
+        let result = bench::run(&server.url(), &c.scenario, rounds, host)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", c.scenario.name));
         results.push(result);
     }
     let server = nats();

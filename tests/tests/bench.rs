@@ -47,6 +47,7 @@ fn the_bench_command_writes_a_table_and_json() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_natsfn-cli"))
         .args(["bench", "--handlers", dir.path().to_str().unwrap(), "--subject", "bench.cli", "--mode", "request"])
         .args(["--messages", "200", "--concurrency", "4", "--name", "cli-echo", "--nats", &server.url()])
+        .args(["--rounds", "2"])
         .arg("--json")
         .arg(&json_path)
         .output()
@@ -54,8 +55,15 @@ fn the_bench_command_writes_a_table_and_json() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("cli-echo") && stdout.contains("natsfn") && stdout.contains("native"), "{stdout}");
+    assert!(stdout.contains("cli-echo: medians of 2 rounds; ratio per round"), "{stdout}");
     let json: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     check_report(&json, &["cli-echo"], true);
+    // Two rounds: the ratio is the median of the two, their mean.
+    let scenario = &json["scenarios"][0];
+    let rounds: Vec<f64> = scenario["round_ratios"].as_array().unwrap().iter().map(|r| r.as_f64().unwrap()).collect();
+    assert_eq!(rounds.len(), 2, "{scenario}");
+    let ratio = scenario["ratio"].as_f64().unwrap();
+    assert!((ratio - (rounds[0] + rounds[1]) / 2.0).abs() < 1e-9, "{ratio} vs {rounds:?}");
 }
 
 /// Fire-and-forget, fan-through and JetStream through the library.
@@ -90,8 +98,8 @@ async fn every_scenario_kind_runs_both_sides_to_completion() {
     for (s, guest_name, manifest) in cases {
         let dir = HandlerDir::new();
         dir.add("h", "h", guest_name, manifest);
-        let host = natsfn::Host::builder().handlers_dir(dir.path());
-        let r = bench::run(&url, &s, host).await.unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let host = || natsfn::Host::builder().handlers_dir(dir.path());
+        let r = bench::run(&url, &s, 1, host).await.unwrap_or_else(|e| panic!("{}: {e}", s.name));
         assert_eq!((r.natsfn.messages, r.native.messages), (300, 300));
         results.push(r);
     }

@@ -2,11 +2,12 @@
 //! handler doing the same work, on the same machine, against the same
 //! nats-server, in the same run.
 //!
-//! [`run`] measures one [`Scenario`] twice, native first, then natsfn
-//! in-process through [`crate::Host`], and returns both [`Measurement`]s and
-//! their ratio. A phase is: prepare (fill the stream for JetStream, untimed),
-//! start the side under test, drive the load (`load`), wait until the side
-//! has finished every message, stop. Both sides are judged by the same
+//! [`run`] measures one [`Scenario`] both ways, natively and through
+//! natsfn in-process ([`crate::Host`]), once or over several rounds, and
+//! returns both sides' [`Measurement`]s and their ratio. A phase is:
+//! prepare (fill the stream for JetStream, untimed), start the side under
+//! test, drive the load (`load`), wait until the side has finished every
+//! message, stop. Both sides are judged by the same
 //! clock and the same completion signal: handled counts (natsfn's handler
 //! statistics, the native task's counter), or for a handler that publishes
 //! one message per input, the messages that arrive on its output subject.
@@ -93,21 +94,81 @@ pub struct Measurement {
     pub rss_scope: RssScope,
 }
 
-/// One scenario, both ways.
+/// One scenario, both ways, over one or more rounds.
 #[derive(Debug, Clone)]
 pub struct ScenarioResult {
     /// The scenario.
     pub scenario: Scenario,
-    /// Through natsfn.
+    /// Through natsfn: each figure's median over the rounds (peak RSS: the
+    /// highest).
     pub natsfn: Measurement,
-    /// Through the native async-nats handler.
+    /// Through the native async-nats handler, summarised the same way.
     pub native: Measurement,
+    /// natsfn msgs/s ÷ native msgs/s in each round, in the order run.
+    pub round_ratios: Vec<f64>,
 }
 
 impl ScenarioResult {
-    /// natsfn msgs/s ÷ native msgs/s.
+    /// Summarises `rounds` (native, natsfn) of `scenario`.
+    fn of_rounds(scenario: Scenario, rounds: &[(Measurement, Measurement)]) -> Self {
+        let native: Vec<Measurement> = rounds.iter().map(|r| r.0).collect();
+        let natsfn: Vec<Measurement> = rounds.iter().map(|r| r.1).collect();
+        let round_ratios = rounds.iter().map(|(n, f)| f.msgs_per_sec / n.msgs_per_sec.max(f64::MIN_POSITIVE)).collect();
+        ScenarioResult {
+            scenario,
+            natsfn: Measurement::median(&natsfn),
+            native: Measurement::median(&native),
+            round_ratios,
+        }
+    }
+
+    /// natsfn msgs/s ÷ native msgs/s: the median of the rounds' ratios.
+    /// Each round sets a natsfn phase beside a native one, so a machine
+    /// whose speed drifts from round to round moves both sides of each
+    /// ratio; a ratio of the medians would not pair them.
     pub fn ratio(&self) -> f64 {
-        self.natsfn.msgs_per_sec / self.native.msgs_per_sec.max(f64::MIN_POSITIVE)
+        median(&self.round_ratios)
+    }
+}
+
+impl Measurement {
+    /// Each figure's median over `rounds`, and the highest peak RSS (a
+    /// peak is the most the process needed). `rounds` is never empty.
+    fn median(rounds: &[Measurement]) -> Measurement {
+        let of = |f: fn(&Measurement) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let latencies: Vec<Percentiles> = rounds.iter().filter_map(|m| m.latency).collect();
+        let latency = (!latencies.is_empty()).then(|| {
+            let of = |f: fn(&Percentiles) -> f64| median(&latencies.iter().map(f).collect::<Vec<_>>());
+            Percentiles {
+                p50_us: of(|p| p.p50_us),
+                p90_us: of(|p| p.p90_us),
+                p99_us: of(|p| p.p99_us),
+                p999_us: of(|p| p.p999_us),
+            }
+        });
+        let rss_scope =
+            if rounds.iter().all(|m| m.rss_scope == RssScope::Phase) { RssScope::Phase } else { RssScope::Process };
+        Measurement {
+            messages: rounds.first().map_or(0, |m| m.messages),
+            seconds: of(|m| m.seconds),
+            msgs_per_sec: of(|m| m.msgs_per_sec),
+            latency,
+            cpu_us_per_msg: of(|m| m.cpu_us_per_msg),
+            peak_rss_mb: rounds.iter().map(|m| m.peak_rss_mb).fold(0.0, f64::max),
+            rss_scope,
+        }
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count;
+/// 0 for none).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -154,12 +215,30 @@ pub enum BenchError {
     },
 }
 
-/// Runs `scenario` natively, then through natsfn with the handlers of
-/// `host` (its NATS URL is set to `url` here), against the server at `url`.
-pub async fn run(url: &str, scenario: &Scenario, host: HostBuilder) -> Result<ScenarioResult, BenchError> {
-    let native = phase(url, scenario, Side::Native).await?;
-    let natsfn = phase(url, scenario, Side::Natsfn(Box::new(host.nats_url(url)))).await?;
-    Ok(ScenarioResult { scenario: scenario.clone(), natsfn, native })
+/// Runs `scenario` `rounds` times (at least once) against the server at
+/// `url`: each round measures a native phase and a natsfn phase with the
+/// handlers of a host from `host` (its NATS URL is set to `url` here).
+/// Rounds alternate which side goes first, so neither side always runs on
+/// a machine the other has just warmed (or tired).
+pub async fn run(
+    url: &str,
+    scenario: &Scenario,
+    rounds: u32,
+    mut host: impl FnMut() -> HostBuilder,
+) -> Result<ScenarioResult, BenchError> {
+    let mut measured = Vec::new();
+    for round in 0..rounds.max(1) {
+        let natsfn_side = Side::Natsfn(Box::new(host().nats_url(url)));
+        let pair = if round % 2 == 0 {
+            let native = phase(url, scenario, Side::Native).await?;
+            (native, phase(url, scenario, natsfn_side).await?)
+        } else {
+            let natsfn = phase(url, scenario, natsfn_side).await?;
+            (phase(url, scenario, Side::Native).await?, natsfn)
+        };
+        measured.push(pair);
+    }
+    Ok(ScenarioResult::of_rounds(scenario.clone(), &measured))
 }
 
 /// Which side a phase measures.
@@ -283,4 +362,57 @@ async fn phase(url: &str, scenario: &Scenario, side: Side) -> Result<Measurement
         peak_rss_mb,
         rss_scope,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(msgs_per_sec: f64, p50_us: Option<f64>, peak_rss_mb: f64) -> Measurement {
+        Measurement {
+            messages: 100,
+            seconds: 100.0 / msgs_per_sec,
+            msgs_per_sec,
+            latency: p50_us.map(|p50_us| Percentiles { p50_us, p90_us: p50_us, p99_us: p50_us, p999_us: p50_us }),
+            cpu_us_per_msg: msgs_per_sec / 100.0,
+            peak_rss_mb,
+            rss_scope: RssScope::Phase,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+    }
+
+    #[test]
+    fn rounds_summarise_as_medians_and_pair_their_ratios() {
+        let scenario = Scenario {
+            name: "s".into(),
+            mode: Mode::Request,
+            subject: "s".into(),
+            payload_size: 1,
+            messages: 100,
+            concurrency: 1,
+            output: None,
+        };
+        // The machine halves its speed in the second round and recovers in
+        // the third: both sides move, the paired ratios stay near 0.5.
+        let rounds = [
+            (measured(1000.0, Some(100.0), 10.0), measured(500.0, Some(150.0), 20.0)),
+            (measured(500.0, Some(200.0), 12.0), measured(260.0, Some(300.0), 30.0)),
+            (measured(1000.0, Some(110.0), 11.0), measured(480.0, Some(160.0), 25.0)),
+        ];
+        let r = ScenarioResult::of_rounds(scenario, &rounds);
+        assert_eq!(r.round_ratios, vec![0.5, 0.52, 0.48]);
+        assert_eq!(r.ratio(), 0.5);
+        assert_eq!(r.native.msgs_per_sec, 1000.0);
+        assert_eq!(r.natsfn.msgs_per_sec, 480.0);
+        assert_eq!(r.natsfn.latency.map(|p| p.p50_us), Some(160.0));
+        assert_eq!(r.natsfn.cpu_us_per_msg, 4.8);
+        assert_eq!(r.natsfn.peak_rss_mb, 30.0, "the highest peak, not the median");
+        assert_eq!(r.native.latency.map(|p| p.p99_us), Some(110.0));
+    }
 }

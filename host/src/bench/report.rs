@@ -1,7 +1,10 @@
 //! The benchmark's output: a table for people and a JSON document for
 //! scripts, shaped as
-//! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio"}]}`.
-//! Latency fields are `null` where nothing was timed (no replies).
+//! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio", "round_ratios"}],
+//! "instance_cost_us", "idle"}` (the last two `null` unless measured).
+//! Latency fields are `null` where nothing was timed (no replies). Over
+//! several rounds each side's figures are medians, and `round_ratios`
+//! lists every round's ratio beside their median, `ratio`.
 
 use std::path::Path;
 
@@ -88,6 +91,7 @@ impl Report {
                     "natsfn": side(&r.natsfn),
                     "native": side(&r.native),
                     "ratio": r.ratio(),
+                    "round_ratios": r.round_ratios,
                 })
             })
             .collect();
@@ -139,6 +143,15 @@ impl Report {
                     ratio.map_or(String::new(), |q| format!("{q:.2}")),
                 );
             }
+        }
+        for r in self.scenarios.iter().filter(|r| r.round_ratios.len() > 1) {
+            let each: Vec<String> = r.round_ratios.iter().map(|q| format!("{q:.2}")).collect();
+            out += &format!(
+                "{}: medians of {} rounds; ratio per round {}\n",
+                r.scenario.name,
+                r.round_ratios.len(),
+                each.join(" ")
+            );
         }
         if let Some(c) = self.instance_cost {
             out += &format!(
