@@ -21,13 +21,14 @@
 //! - [`local_server`]: a child `nats-server` for development and tests.
 //! - [`telemetry`]: OpenTelemetry tracing (OTLP export, W3C trace context
 //!   in NATS headers) and log output setup for the binary.
-//! - [`bench`](mod@bench): natsfn against a native async-nats handler, same server,
-//!   same run (`natsfn bench`, and the `scenarios` benchmark).
+//! - [`bench`](mod@bench): natsfn against a native async-nats handler, same
+//!   server, same run (`natsfn bench`, and the `scenarios` benchmark).
 //! - [`cli`]: the `natsfn` command line.
 //!
 //! # Errors
 //! Each layer has its own error enum ([`manifest::ManifestError`],
-//! [`engine::EngineError`], [`tenant::config::ConfigError`], [`TenantError`], [`HostError`], [`LoadError`],
+//! [`engine::EngineError`], [`tenant::config::ConfigError`],
+//! [`TenantError`], [`HostError`], [`LoadError`],
 //! [`telemetry::TelemetryError`]) whose message names the file, field,
 //! subject or setting at fault. Errors a guest can see are the WIT
 //! `error` variant, never a Rust error type.

@@ -234,7 +234,8 @@ pub struct JetStreamTrigger {
     pub max_deliver: u32,
     /// Redelivery delays after ack-wait timeouts, one per attempt.
     pub backoff: Vec<Duration>,
-    /// Most messages asked for in one pull (never more than free slots).
+    /// Most messages this trigger's open pulls ask for at once (never more
+    /// than free slots, nor the trigger's share of `max_concurrency`).
     pub batch: u32,
     /// Most unacknowledged messages the server hands this consumer.
     pub max_ack_pending: u32,

@@ -31,7 +31,7 @@ impl HandlerSlot {
     }
 
     /// Makes `next` the current version, and retires the one it replaces
-    /// (its idle reusable instances go; running invocations finish on it).
+    /// (its idle or standby instances go; running invocations finish on it).
     pub(crate) fn replace(&self, next: Arc<LoadedHandler>) {
         let old =
             std::mem::replace(&mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner), next);

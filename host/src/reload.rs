@@ -278,8 +278,9 @@ impl Reloader {
                     }
                     ChangeKind::Updated
                 } else {
-                    // Bind the new triggers first, on a fresh slot: if that
-                    // fails, the old binding is still serving.
+                    // Drain and unbind the old triggers, then bind the new
+                    // ones on a fresh slot; if that fails, the old version is
+                    // bound again on its old triggers (below).
                     let fresh = HandlerSlot::new(next.clone());
                     let old_entry = self.lock().remove(&key);
                     if let Some(old_entry) = old_entry {

@@ -1,7 +1,7 @@
 //! Settling a JetStream message after its invocation: the outcome policy and
 //! the dead-letter path.
 //!
-//! The rules (design.md section 4):
+//! The rules (also in the README's "Manifest reference"):
 //! - the guest acked → nothing more; the ack stands whatever happened after;
 //! - success, not acked → ack;
 //! - `retry(delay)` or a guest `nak` → nak with that delay, unless this was the

@@ -301,10 +301,9 @@ impl Stats {
 }
 
 /// Runs `handler` for one delivery (on a fresh instance, or a reused one in
-/// reuse mode) and applies the
-/// outcome: a reply for core requests, ack/nak/term for JetStream. `trace`
-/// is the invocation's span, when traced; host calls parent their spans on
-/// it.
+/// reuse mode) and applies the outcome: a reply for core requests,
+/// ack/nak/term for JetStream. `trace` is the invocation's span, when
+/// traced; host calls parent their spans on it.
 pub(crate) async fn invoke(
     dispatcher: &Dispatcher,
     handler: &LoadedHandler,

@@ -41,8 +41,8 @@ pub const SEMCONV_SCHEMA_URL: &str = opentelemetry_semantic_conventions::SCHEMA_
 
 /// Installs the global subscriber: human-readable lines on stderr filtered
 /// by `RUST_LOG` (default `default_filter`), coloured only when stderr is a
-/// terminal. Returns whether this call
-/// installed it (false when a subscriber was already set).
+/// terminal. Returns whether this call installed it (false when a
+/// subscriber was already set).
 pub fn init(default_filter: &str) -> bool {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colour only for a person at a terminal: log files and collectors

@@ -306,8 +306,8 @@ impl Tenant {
     }
 
     /// Takes a guest log line from the tenant's log budget. When it is
-    /// spent the line is dropped; the first drop after lines were flowing
-    /// is reported once, so the report itself cannot flood the log.
+    /// spent the line is dropped and counted; the first drop and every
+    /// 10,000th after it are reported, so the report cannot flood the log.
     pub(crate) fn may_log(&self) -> bool {
         if self.log_rate.as_ref().is_none_or(RateLimiter::try_take) {
             return true;

@@ -6,9 +6,10 @@
 //! inbox for every pull and unsubscribes it after, so one pull is open at a
 //! time and a pull's round trip under load (~0.4 ms) bounds throughput; and
 //! it stops listening for messages after an idle heartbeat (a message
-//! published then waited until the pull expired, seconds later). `stream()` keeps one inbox
-//! but pulls on its own schedule, so messages would sit in the client's
-//! buffer with their ack-wait running while the handler has no free slot.
+//! published then waited until the pull expired, seconds later).
+//! `stream()` keeps one inbox but pulls on its own schedule, so messages
+//! would sit in the client's buffer with their ack-wait running while the
+//! handler has no free slot.
 //! Here every message asked for is backed by a permit, taken before the pull
 //! is sent, and several pulls may be open at once, so the next one is on its
 //! way while the messages of the last are still being handled.
