@@ -107,3 +107,30 @@ async fn every_scenario_kind_runs_both_sides_to_completion() {
     check_report(&report.to_json(), &["sub", "fan", "js"], false);
     assert!(report.table().lines().count() >= 8);
 }
+
+/// The instance's own cost: both modes measured, and the fresh figure split
+/// into steps that each took time and together make the whole.
+#[tokio::test]
+async fn instance_cost_splits_a_fresh_message_into_its_steps() {
+    let server = nats();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let wasm = std::fs::read(guest("mirror")).unwrap();
+    let cost = bench::instance_cost(client, &wasm, 50).await.unwrap();
+    let s = cost.fresh_steps;
+    for (step, us) in
+        [("store", s.store_us), ("instantiate", s.instantiate_us), ("call", s.call_us), ("drop", s.drop_us)]
+    {
+        assert!(us > 0.0 && us.is_finite(), "{step} = {us} µs");
+    }
+    assert_eq!(cost.fresh_us, s.total());
+    assert!(cost.reuse_us > 0.0 && cost.reuse_us.is_finite(), "reuse = {} µs", cost.reuse_us);
+    let report = bench::Report {
+        machine: bench::Machine::detect(&server.url()).await.unwrap(),
+        scenarios: Vec::new(),
+        instance_cost: Some(cost),
+        idle: None,
+    };
+    let json = report.to_json();
+    assert_eq!(json["instance_cost_us"]["fresh_steps"]["instantiate"].as_f64(), Some(s.instantiate_us));
+    assert!(report.table().contains("(store "), "{}", report.table());
+}

@@ -2,7 +2,8 @@
 //! scheduler: instantiate a component from its `InstancePre`, call `handle`
 //! with a 128-byte message, drop the store (fresh mode), or call an instance
 //! kept from the previous message (reuse mode). One task, back to back, so
-//! the mean is the engine's own cost.
+//! the mean is the engine's own cost; the fresh figure is also split into
+//! its steps (store, instantiate, call, drop), each timed on its own.
 //!
 //! A NATS connection is only needed because every store carries the
 //! invocation's client; nothing is sent on it.
@@ -27,6 +28,24 @@ pub struct InstanceCost {
     pub fresh_us: f64,
     /// Call on a reused instance, in microseconds.
     pub reuse_us: f64,
+    /// Where the fresh figure goes, step by step.
+    pub fresh_steps: FreshSteps,
+}
+
+/// The steps of a message on a fresh instance, mean microseconds each; they
+/// add up to [`InstanceCost::fresh_us`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FreshSteps {
+    /// A new store: the WASI context, limits, the invocation's state.
+    pub store_us: f64,
+    /// Instantiating the component from its `InstancePre`.
+    pub instantiate_us: f64,
+    /// Calling `handle`: the message lowered into the guest, the guest's
+    /// own work, the result lifted out.
+    pub call_us: f64,
+    /// Dropping the store and instance: memory reset and slots returned to
+    /// the pool.
+    pub drop_us: f64,
 }
 
 /// Measures `wasm` (a component of the handler world) `iterations` times
@@ -58,34 +77,57 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
         trace: None,
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
-    let mean = |reuse: bool| {
+    let steps = |reuse: bool| {
         // Fresh: no standby instance is ever made, so every round
         // instantiates, as a message that finds none does.
         let instances =
             if reuse { Instances::Reuse(InstancePool::new()) } else { Instances::Fresh(Standby::default()) };
         let (engine, compiled, msg, slots, calls) = (&engine, &compiled, &msg, &slots, &calls);
         async move {
-            let mut total = Duration::ZERO;
+            let mut total = [Duration::ZERO; 4];
             // The first rounds warm the allocator's slots and the caches.
             for round in 0..iterations + iterations / 10 {
-                let start = Instant::now();
+                let t0 = Instant::now();
                 let mut lease = Lease::checkout(engine, &instances, calls());
-                let result = lease.call(&compiled.pre, msg).await;
+                let t1 = Instant::now();
+                let made = lease.instantiate(&compiled.pre).await;
+                let t2 = Instant::now();
+                let result = match made {
+                    Ok(()) => lease.call(&compiled.pre, msg).await,
+                    Err(e) => Err(e),
+                };
+                let t3 = Instant::now();
                 let ok = matches!(result, Ok(Ok(_)));
                 let slot =
                     slots.clone().try_acquire_owned().ok().map(|host| InstanceSlot { _tenant: None, _host: host });
                 lease.checkin(&instances, ok, slot);
+                let t4 = Instant::now();
                 if round >= iterations / 10 {
-                    total += start.elapsed();
+                    for (sum, (from, to)) in total.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)]) {
+                        *sum += to - from;
+                    }
                 }
                 if let Err(e) = result {
                     return Err(BenchError::Handler(format!("{e:#}")));
                 }
             }
-            Ok(total.as_secs_f64() * 1e6 / f64::from(iterations.max(1)))
+            let mean = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(iterations.max(1));
+            Ok(FreshSteps {
+                store_us: mean(total[0]),
+                instantiate_us: mean(total[1]),
+                call_us: mean(total[2]),
+                drop_us: mean(total[3]),
+            })
         }
     };
-    let fresh_us = mean(false).await?;
-    let reuse_us = mean(true).await?;
-    Ok(InstanceCost { fresh_us, reuse_us })
+    let fresh_steps = steps(false).await?;
+    let reuse = steps(true).await?;
+    Ok(InstanceCost { fresh_us: fresh_steps.total(), reuse_us: reuse.total(), fresh_steps })
+}
+
+impl FreshSteps {
+    /// All the steps together.
+    pub fn total(&self) -> f64 {
+        self.store_us + self.instantiate_us + self.call_us + self.drop_us
+    }
 }

@@ -24,7 +24,7 @@ mod measure;
 mod native;
 mod report;
 
-pub use instantiate::{instance_cost, InstanceCost};
+pub use instantiate::{instance_cost, FreshSteps, InstanceCost};
 pub use measure::{process_cpu, Percentiles, RssScope};
 pub use report::{IdleMemory, Machine, Report};
 

@@ -95,7 +95,16 @@ impl Report {
                 })
             })
             .collect();
-        let cost = self.instance_cost.map(|c| json!({"fresh": c.fresh_us, "reuse": c.reuse_us}));
+        let cost = self.instance_cost.map(|c| {
+            let s = c.fresh_steps;
+            json!({
+                "fresh": c.fresh_us,
+                "reuse": c.reuse_us,
+                "fresh_steps": {
+                    "store": s.store_us, "instantiate": s.instantiate_us, "call": s.call_us, "drop": s.drop_us,
+                },
+            })
+        });
         json!({
             "machine": {
                 "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel,
@@ -154,9 +163,11 @@ impl Report {
             );
         }
         if let Some(c) = self.instance_cost {
+            let s = c.fresh_steps;
             out += &format!(
-                "instantiate + call + drop, in isolation: {:.2} µs fresh, {:.2} µs reused\n",
-                c.fresh_us, c.reuse_us
+                "instantiate + call + drop, in isolation: {:.2} µs fresh (store {:.2}, instantiate {:.2}, call {:.2}, \
+                 drop {:.2}), {:.2} µs reused\n",
+                c.fresh_us, s.store_us, s.instantiate_us, s.call_us, s.drop_us, c.reuse_us
             );
         }
         if let Some(i) = self.idle {

@@ -145,7 +145,7 @@ impl Standby {
             (Some(calls), Ok(permit)) => {
                 let deadline = calls.deadline;
                 let mut store = engine.standby_store(calls);
-                match tokio::time::timeout_at(deadline, Box::pin(pre.instantiate_async(&mut store))).await {
+                match tokio::time::timeout_at(deadline, instantiate(&mut store, pre)).await {
                     Ok(Ok(instance)) => Some(Ready { store, instance, _permit: permit }),
                     Ok(Err(e)) => {
                         tracing::debug!("no standby instance: {e:#}");
@@ -260,6 +260,15 @@ impl Lease {
         self.standby
     }
 
+    /// Instantiates now if there is no instance yet (otherwise
+    /// [`Lease::call`] does), so a caller can time the two apart.
+    pub(crate) async fn instantiate(&mut self, pre: &HandlerPre<StoreData>) -> wasmtime::Result<()> {
+        if self.instance.is_none() {
+            self.instance = Some(instantiate(&mut self.store, pre).await?);
+        }
+        Ok(())
+    }
+
     /// Instantiates if needed, then calls `handle`.
     pub(crate) async fn call(
         &mut self,
@@ -268,11 +277,7 @@ impl Lease {
     ) -> wasmtime::Result<Result<Option<Reply>, HandlerError>> {
         let instance = match self.instance.take() {
             Some(i) => i,
-            // Boxed: instantiation's future is four times the size of the
-            // call's, and every message would otherwise copy that much
-            // around in the invocation's state, used or not (it is not,
-            // in reuse mode or with a standby instance).
-            None => Box::pin(pre.instantiate_async(&mut self.store)).await?,
+            None => instantiate(&mut self.store, pre).await?,
         };
         let result = instance.call_handle(&mut self.store, msg).await;
         // Put back only after the call returned: a call cut off mid-way
@@ -291,4 +296,12 @@ impl Lease {
             pool.put(Idle { store: self.store, instance, _slot: slot });
         }
     }
+}
+
+/// A new instance of `pre` in `store`. Boxed: instantiation's future is four
+/// times the size of the call's, and every message would otherwise copy
+/// that much around in the invocation's state, used or not (it is not, in
+/// reuse mode or with a standby instance).
+async fn instantiate(store: &mut Store<StoreData>, pre: &HandlerPre<StoreData>) -> wasmtime::Result<Handler> {
+    Box::pin(pre.instantiate_async(store)).await
 }
