@@ -69,6 +69,21 @@ fn cases() -> Vec<Case> {
 /// How many handlers the idle-memory measurement loads.
 const IDLE_HANDLERS: usize = 100;
 
+/// The flag that makes this binary a child that only measures
+/// [`idle_rss`] and prints it.
+const IDLE_CHILD: &str = "--idle-rss-child";
+
+/// [`idle_rss`] measured in a fresh process (this binary again, with
+/// [`IDLE_CHILD`]): after the scenarios, this process's allocator keeps
+/// what their phases used, which a host that only ever held idle handlers
+/// would never have had.
+fn idle_rss_in_child() -> f64 {
+    let exe = std::env::current_exe().expect("this benchmark's path");
+    let out = std::process::Command::new(exe).arg(IDLE_CHILD).output().expect("run the idle-memory child");
+    assert!(out.status.success(), "idle-memory child failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("the child prints MiB")
+}
+
 /// Resident memory of this process with [`IDLE_HANDLERS`] handlers (the
 /// mirror guest, one subject each) loaded, bound and idle, in MiB.
 async fn idle_rss(server: &natsfn::NatsServer) -> f64 {
@@ -98,6 +113,10 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == IDLE_CHILD) {
+        println!("{}", idle_rss(&nats()).await);
+        return;
+    }
     let scale: f64 = flag(&args, "--scale").map_or(1.0, |s| s.parse().expect("--scale takes a number"));
     let only: Option<Vec<String>> = flag(&args, "--only").map(|s| s.split(',').map(str::to_owned).collect());
     let rounds: u32 = flag(&args, "--rounds").map_or(1, |s| s.parse().expect("--rounds takes a count"));
@@ -122,8 +141,7 @@ async fn main() {
         results.push(result);
     }
     let server = nats();
-    // Before the instance-cost engine adds its own pool and code.
-    let idle = bench::IdleMemory { handlers: IDLE_HANDLERS, rss_mb: idle_rss(&server).await };
+    let idle = bench::IdleMemory { handlers: IDLE_HANDLERS, rss_mb: idle_rss_in_child() };
     let client = async_nats::connect(server.url()).await.expect("connect");
     let wasm = std::fs::read(natsfn_e2e::guest("mirror")).expect("read the mirror guest");
     let cost = bench::instance_cost(client, &wasm, (20_000.0 * scale) as u32 + 100).await.expect("instance cost");
