@@ -145,7 +145,7 @@ impl Standby {
             (Some(calls), Ok(permit)) => {
                 let deadline = calls.deadline;
                 let mut store = engine.standby_store(calls);
-                match tokio::time::timeout_at(deadline, instantiate(&mut store, pre)).await {
+                match tokio::time::timeout_at(deadline, new_instance(&mut store, pre)).await {
                     Ok(Ok(instance)) => Some(Ready { store, instance, _permit: permit }),
                     Ok(Err(e)) => {
                         tracing::debug!("no standby instance: {e:#}");
@@ -264,7 +264,7 @@ impl Lease {
     /// [`Lease::call`] does), so a caller can time the two apart.
     pub(crate) async fn instantiate(&mut self, pre: &HandlerPre<StoreData>) -> wasmtime::Result<()> {
         if self.instance.is_none() {
-            self.instance = Some(instantiate(&mut self.store, pre).await?);
+            self.instance = Some(new_instance(&mut self.store, pre).await?);
         }
         Ok(())
     }
@@ -277,7 +277,7 @@ impl Lease {
     ) -> wasmtime::Result<Result<Option<Reply>, HandlerError>> {
         let instance = match self.instance.take() {
             Some(i) => i,
-            None => instantiate(&mut self.store, pre).await?,
+            None => new_instance(&mut self.store, pre).await?,
         };
         let result = instance.call_handle(&mut self.store, msg).await;
         // Put back only after the call returned: a call cut off mid-way
@@ -301,7 +301,7 @@ impl Lease {
 /// A new instance of `pre` in `store`. Boxed: instantiation's future is four
 /// times the size of the call's, and every message would otherwise copy
 /// that much around in the invocation's state, used or not (it is not, in
-/// reuse mode or with a standby instance).
-async fn instantiate(store: &mut Store<StoreData>, pre: &HandlerPre<StoreData>) -> wasmtime::Result<Handler> {
+/// reuse mode or with a standby instance). Standby refills share it.
+async fn new_instance(store: &mut Store<StoreData>, pre: &HandlerPre<StoreData>) -> wasmtime::Result<Handler> {
     Box::pin(pre.instantiate_async(store)).await
 }

@@ -3,9 +3,10 @@
 //!
 //! `ack` (confirmed by the server) and `in-progress` go out at once, because
 //! a guest acks to say "done, whatever happens next" and signals progress to
-//! keep a long job alive. `nak` and `term` are recorded and applied when `handle` returns
-//! (see `settle`): a nak on the last allowed delivery and every term must go
-//! through the dead-letter path first, which needs the whole outcome.
+//! keep a long job alive. `nak` and `term` are recorded and applied when
+//! `handle` returns (see `settle`): a nak on the last allowed delivery and
+//! every term must go through the dead-letter path first, which needs the
+//! whole outcome.
 
 use std::time::Duration;
 
