@@ -101,3 +101,43 @@ async fn a_reload_retires_the_old_instances() {
     assert_eq!(calls(&client, "reuse.echo").await, 2);
     assert!(host.shutdown().await.clean);
 }
+
+/// A reuse-mode invocation starts on its trigger's task when the lanes are
+/// idle (it usually finishes there); one that waits must move on and leave
+/// the trigger free to read the next message.
+#[tokio::test]
+async fn a_reused_invocation_that_waits_does_not_hold_up_the_next_message() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add(
+        "slow",
+        "slow",
+        "slow",
+        "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.wait\"\n[limits]\nmax_concurrency = 4\ntimeout_ms = 10000",
+    );
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    let delayed = |ms: u64, payload: &'static str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("delay-ms", ms.to_string().as_str());
+        async_nats::Request::new().headers(headers).payload(payload.into()).timeout(Some(Duration::from_secs(10)))
+    };
+    // The first message finds the lanes idle and starts on the trigger's
+    // task, where its guest then sleeps for 3 s.
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_request("reuse.wait", delayed(3000, "slow")).await.map(|_| std::time::Instant::now()) }
+    });
+    eventually(Duration::from_secs(5), "the slow message is in flight", || async {
+        host.handler_stats("slow").is_some_and(|s| s.in_flight == 1)
+    })
+    .await;
+    let fast = client.send_request("reuse.wait", delayed(0, "fast")).await.expect("the fast message is answered");
+    let fast_at = std::time::Instant::now();
+    assert_eq!(&fast.payload[..], b"fast");
+    let slow_at = slow.await.expect("task").expect("the slow message is answered");
+    assert!(fast_at < slow_at, "the fast message was answered while the slow one still waited");
+    let stats = host.handler_stats("slow").unwrap();
+    assert_eq!((stats.ok, stats.peak_in_flight), (2, 2));
+    assert!(host.shutdown().await.clean);
+}

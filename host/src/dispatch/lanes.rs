@@ -78,6 +78,11 @@ impl Lanes {
         Lanes { lanes }
     }
 
+    /// Whether no lane holds a job: nothing is queued or running in them.
+    pub(crate) fn idle(&self) -> bool {
+        self.lanes.iter().all(|l| l.load.load(Ordering::Relaxed) == 0)
+    }
+
     /// Hands `job` to the lane with the least work. Returns the job when
     /// every lane has ended (only when its runtime is shutting down).
     pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {

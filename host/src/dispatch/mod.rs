@@ -409,6 +409,24 @@ async fn round_trip(nats: &async_nats::Client) -> Result<(), async_nats::Error> 
     }
 }
 
+/// Polls `job` once on the current task. True when it finished (or
+/// panicked, which, as in a lane, is reported and ends only that
+/// invocation); false when it is still pending and must run on elsewhere.
+async fn poll_once(job: &mut Job) -> bool {
+    std::future::poll_fn(|cx| {
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.as_mut().poll(cx)));
+        std::task::Poll::Ready(match polled {
+            Ok(std::task::Poll::Ready(())) => true,
+            Ok(std::task::Poll::Pending) => false,
+            Err(_) => {
+                tracing::error!("an invocation panicked; the trigger goes on");
+                true
+            }
+        })
+    })
+    .await
+}
+
 /// Names what stopped a guest. An interrupt can only be the deadline; a
 /// trap after a refused memory growth is the memory limit, whatever
 /// instruction the guest trapped on afterwards.
@@ -560,10 +578,25 @@ impl Dispatcher {
         ok
     }
 
-    /// Runs `delivery` through `handler` in one of the trigger's `lanes`,
-    /// holding `admission` until it ends. `origin` is what the trigger
-    /// knows about the message's source, for the invocation's span.
-    pub(crate) fn start(
+    /// Runs `delivery` through `handler`, holding `admission` until it
+    /// ends. `origin` is what the trigger knows about the message's source,
+    /// for the invocation's span.
+    ///
+    /// The invocation runs in one of the trigger's `lanes`, except that a
+    /// reuse-mode handler's invocation is first polled here, on the
+    /// trigger's task, when the lanes are idle: most finish in that poll
+    /// (a reused instance, no host call that waits), and the hand-off to a
+    /// lane on the other core cost more than the call itself (in
+    /// core-sub-reuse, 28 % less CPU per message; BENCHMARKS.md). One that
+    /// is still pending (a host call waits, or the guest yielded at an
+    /// epoch tick) moves on to a lane, which polls it again and so takes
+    /// over its wake-ups, and while it runs there the lanes are not idle,
+    /// so the next messages go to lanes too and the trigger keeps reading.
+    /// Fresh mode always uses the lanes: its instance work (the drop and
+    /// the next standby instantiation, ~15 µs) must spread over both cores,
+    /// and run on the trigger's task it cost core-sub a sixth of its
+    /// throughput.
+    pub(crate) async fn start(
         self: &Arc<Self>,
         lanes: &lanes::Lanes,
         handler: Arc<LoadedHandler>,
@@ -572,7 +605,11 @@ impl Dispatcher {
         admission: Admission,
     ) {
         let tenant = handler.tenant.clone();
-        let job = self.job(handler, origin, delivery, admission);
+        let here = matches!(handler.instances, pool::Instances::Reuse(_)) && lanes.idle();
+        let mut job = self.job(handler, origin, delivery, admission);
+        if here && poll_once(&mut job).await {
+            return;
+        }
         // Lanes end only with their runtime; should that be under way, the
         // admitted message still runs, in a task of its own.
         if let Err(job) = lanes.submit(job) {
@@ -655,5 +692,28 @@ impl Dispatcher {
             }
             drop(tracked);
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn poll_once_tells_finished_from_pending_and_survives_a_panic() {
+        let mut done: Job = Box::pin(async {});
+        assert!(poll_once(&mut done).await, "a job that finishes in its first poll");
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut waiting: Job = Box::pin(async move {
+            let _ = rx.await;
+        });
+        assert!(!poll_once(&mut waiting).await, "a job that waits is still pending");
+        // Moved on, it finishes where it is polled next.
+        let _ = tx.send(());
+        waiting.await;
+
+        let mut panicking: Job = Box::pin(async { panic!("a host bug") });
+        assert!(poll_once(&mut panicking).await, "a panic ends that job, not the caller");
     }
 }

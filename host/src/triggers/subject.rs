@@ -104,7 +104,7 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.start(&lanes, handler, origin.clone(), Delivery::Core(msg), admission);
+            dispatcher.start(&lanes, handler, origin.clone(), Delivery::Core(msg), admission).await;
         }
         tracing::debug!(handler = %slot.current().manifest.name, subject = %label, "trigger stopped");
     }))

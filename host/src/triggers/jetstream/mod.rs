@@ -201,13 +201,9 @@ async fn pull_loop(
                     a = admit(&dispatcher, &handler, reserved) => a,
                     () = dispatcher.abandon.cancelled() => break,
                 };
-                dispatcher.start(
-                    &lanes,
-                    handler,
-                    origin.clone(),
-                    Delivery::JetStream(delivery, trigger.clone()),
-                    admission,
-                );
+                dispatcher
+                    .start(&lanes, handler, origin.clone(), Delivery::JetStream(delivery, trigger.clone()), admission)
+                    .await;
             }
             // The loop comes round to pull again.
             Event::Expired => {}
