@@ -18,6 +18,10 @@
 //! delays the other invocations in its lane until it yields at the next
 //! epoch tick; new messages go to the other lanes meanwhile.
 //!
+//! A reuse-mode invocation skips its lane when the lanes are idle: it is
+//! polled first on the trigger's task, and reaches a lane only if it waits
+//! ([`super::Dispatcher::start`] says why).
+//!
 //! Admission (the concurrency permits) happens before a message reaches a
 //! lane, so queues never hold more than the permits allow. Each job carries
 //! a token of the dispatcher's task tracker, so shutdown still waits for, and

@@ -586,8 +586,9 @@ impl Dispatcher {
     /// reuse-mode handler's invocation is first polled here, on the
     /// trigger's task, when the lanes are idle: most finish in that poll
     /// (a reused instance, no host call that waits), and the hand-off to a
-    /// lane on the other core cost more than the call itself (in
-    /// core-sub-reuse, 28 % less CPU per message; BENCHMARKS.md). One that
+    /// lane on the other core costs about as much as the call itself (a
+    /// fifth to a quarter of the CPU per message in core-sub-reuse and
+    /// jetstream-ack-reuse; BENCHMARKS.md). One that
     /// is still pending (a host call waits, or the guest yielded at an
     /// epoch tick) moves on to a lane, which polls it again and so takes
     /// over its wake-ups, and while it runs there the lanes are not idle,
