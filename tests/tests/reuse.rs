@@ -13,6 +13,36 @@ async fn calls(client: &async_nats::Client, subject: &str) -> u32 {
     header(&reply, "x-natsfn-calls").expect("echo sets x-natsfn-calls").parse().expect("a number")
 }
 
+/// A request to the `slow` guest, which sleeps `ms` before echoing
+/// `payload`; the requester gives up after `timeout`.
+fn sleeping(ms: u64, payload: &'static str, timeout: Duration) -> async_nats::Request {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("delay-ms", ms.to_string().as_str());
+    async_nats::Request::new().headers(headers).payload(payload.into()).timeout(Some(timeout))
+}
+
+/// A host serving the `slow` guest in reuse mode. Bind every field: the
+/// server and directory must outlive the test.
+struct Slow {
+    _server: NatsServer,
+    _dir: HandlerDir,
+    host: natsfn::RunningHost,
+    client: async_nats::Client,
+}
+
+async fn reused_slow(subject: &str, max_concurrency: u32, timeout_ms: u64) -> Slow {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let manifest = format!(
+        "instance = \"reuse\"\n[[trigger]]\nsubject = \"{subject}\"\n[limits]\n\
+         max_concurrency = {max_concurrency}\ntimeout_ms = {timeout_ms}"
+    );
+    dir.add("slow", "slow", "slow", &manifest);
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    Slow { _server: server, _dir: dir, host, client }
+}
+
 /// One instance at a time, so consecutive messages see the same one.
 const REUSE_ECHO: &str = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.echo\"\n[limits]\nmax_concurrency = 1";
 
@@ -64,21 +94,8 @@ async fn a_trapped_instance_is_discarded() {
 
 #[tokio::test]
 async fn time_limits_apply_to_every_message_of_a_reused_instance() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    dir.add(
-        "slow",
-        "slow",
-        "slow",
-        "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.slow\"\n[limits]\nmax_concurrency = 1\ntimeout_ms = 300",
-    );
-    let host = start_host(&server, &dir).await;
-    let client = client(&server).await;
-    let slow = |ms: u64| {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("delay-ms", ms.to_string().as_str());
-        async_nats::Request::new().headers(headers).payload("x".into()).timeout(Some(Duration::from_secs(2)))
-    };
+    let Slow { _server, _dir, host, client } = reused_slow("reuse.slow", 1, 300).await;
+    let slow = |ms: u64| sleeping(ms, "x", Duration::from_secs(2));
     assert!(client.send_request("reuse.slow", slow(10)).await.is_ok());
     // Past the first message's deadline: a deadline that was not renewed
     // would interrupt this one at once.
@@ -107,21 +124,8 @@ async fn a_reload_retires_the_old_instances() {
 /// the trigger free to read the next message.
 #[tokio::test]
 async fn a_reused_invocation_that_waits_does_not_hold_up_the_next_message() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    dir.add(
-        "slow",
-        "slow",
-        "slow",
-        "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.wait\"\n[limits]\nmax_concurrency = 4\ntimeout_ms = 10000",
-    );
-    let host = start_host(&server, &dir).await;
-    let client = client(&server).await;
-    let delayed = |ms: u64, payload: &'static str| {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("delay-ms", ms.to_string().as_str());
-        async_nats::Request::new().headers(headers).payload(payload.into()).timeout(Some(Duration::from_secs(10)))
-    };
+    let Slow { _server, _dir, host, client } = reused_slow("reuse.wait", 4, 10_000).await;
+    let delayed = |ms: u64, payload: &'static str| sleeping(ms, payload, Duration::from_secs(10));
     // The first message finds the lanes idle and starts on the trigger's
     // task, where its guest then sleeps for 3 s.
     let slow = tokio::spawn({
