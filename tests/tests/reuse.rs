@@ -145,3 +145,78 @@ async fn a_reused_invocation_that_waits_does_not_hold_up_the_next_message() {
     assert_eq!((stats.ok, stats.peak_in_flight), (2, 2));
     assert!(host.shutdown().await.clean);
 }
+
+/// Everything the host logs in this test binary, each line with the name
+/// of the thread that wrote it.
+fn captured_log() -> &'static LogLines {
+    static LOG: std::sync::OnceLock<LogLines> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let lines = LogLines::default();
+        tracing_subscriber::fmt()
+            .with_thread_names(true)
+            .with_ansi(false)
+            .with_writer(lines.clone())
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        lines
+    })
+}
+
+#[derive(Clone, Default)]
+struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogLines {
+    fn line_with(&self, text: &str) -> Option<String> {
+        let bytes = self.0.lock().unwrap();
+        String::from_utf8_lossy(&bytes).lines().find(|l| l.contains(text)).map(str::to_owned)
+    }
+}
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = LogLines;
+    fn make_writer(&'a self) -> LogLines {
+        self.clone()
+    }
+}
+
+/// A tenant with threads of its own runs its guests there, reuse mode
+/// included: a reused invocation may start on its trigger's task only when
+/// the tenant shares the host's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_its_own_threads_runs_reused_guests_on_them() {
+    let log = captured_log();
+    let server = nats();
+    let dir = HandlerDir::new();
+    let manifest = "tenant = \"own\"\ninstance = \"reuse\"\n[[trigger]]\nsubject = \"own.slow\"";
+    dir.add("slow", "slow", "slow", manifest);
+    let config = natsfn::HostConfig::from_toml("[tenants.own]\nthreads = 1\n", &dir.path().join("natsfn.toml"))
+        .expect("host config");
+    let host = natsfn::Host::builder()
+        .nats_url(server.url())
+        .config(config)
+        .handlers_dir(dir.path())
+        .build()
+        .await
+        .expect("host builds");
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    let host = host.start().await.expect("host starts");
+    let client = client(&server).await;
+    for i in 0..3 {
+        let payload = ["first", "second", "third"][i];
+        let reply = client.send_request("own.slow", sleeping(0, payload, Duration::from_secs(5))).await.unwrap();
+        assert_eq!(&reply.payload[..], payload.as_bytes());
+        let line = log.line_with(&format!("sleeping 0 ms on {payload}")).expect("the guest's log line");
+        assert!(line.contains("natsfn-own"), "the guest ran on a thread of its tenant: {line}");
+    }
+    assert!(host.shutdown().await.clean);
+}

@@ -593,10 +593,15 @@ impl Dispatcher {
     /// epoch tick) moves on to a lane, which polls it again and so takes
     /// over its wake-ups, and while it runs there the lanes are not idle,
     /// so the next messages go to lanes too and the trigger keeps reading.
-    /// Fresh mode always uses the lanes: its instance work (the drop and
-    /// the next standby instantiation, ~15 µs) must spread over both cores,
-    /// and run on the trigger's task it cost core-sub a sixth of its
-    /// throughput.
+    ///
+    /// Always in a lane:
+    /// - the invocations of a tenant with threads of its own (configured
+    ///   tenants get them by default): its lanes run on those threads, the
+    ///   trigger's task runs on the host's, and the tenant's guests must
+    ///   not;
+    /// - fresh mode: its instance work (the drop and the next standby
+    ///   instantiation, ~15 µs) must spread over both cores, and run on the
+    ///   trigger's task it cost core-sub a sixth of its throughput.
     pub(crate) async fn start(
         self: &Arc<Self>,
         lanes: &lanes::Lanes,
@@ -606,7 +611,8 @@ impl Dispatcher {
         admission: Admission,
     ) {
         let tenant = handler.tenant.clone();
-        let here = matches!(handler.instances, pool::Instances::Reuse(_)) && lanes.idle();
+        let here =
+            matches!(handler.instances, pool::Instances::Reuse(_)) && !handler.tenant.has_own_threads() && lanes.idle();
         let mut job = self.job(handler, origin, delivery, admission);
         if here && poll_once(&mut job).await {
             return;

@@ -229,6 +229,13 @@ impl Tenant {
         self.runtime.as_ref().and_then(|t| t.0.as_ref()).map(|rt| rt.handle().clone())
     }
 
+    /// Whether the tenant's guests run on threads of their own rather than
+    /// the host's (then no guest of it may run on a trigger's task, which
+    /// is on the host's threads).
+    pub(crate) fn has_own_threads(&self) -> bool {
+        self.runtime.as_ref().is_some_and(|t| t.0.is_some())
+    }
+
     /// Runs an invocation in a task of its own on the tenant's threads (or
     /// the host's), tracked by `tracker` so shutdown can wait for it.
     pub(crate) fn spawn(
