@@ -545,3 +545,45 @@ async fn the_consumer_is_created_and_updated_to_match_the_manifest() {
     assert_eq!(c.info().await.unwrap().config.max_ack_pending, 9);
     host.shutdown().await;
 }
+
+/// In reuse mode an invocation usually runs to its end, settling included,
+/// on the trigger's own task (the lanes are idle); one whose settling waits
+/// on the server (a nak or a dead letter is confirmed) moves to a lane. Every
+/// message is still settled as its outcome says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_instances_settle_every_message_as_its_outcome_says() {
+    let server = nats();
+    let js = jetstream::new(client(&server).await);
+    make_stream(&js, "RE", &["re.>"]).await;
+    make_stream(&js, "DLQ", &["dlq.>"]).await;
+    let dir = HandlerDir::new();
+    let manifest = |durable: &str, filter: &str, max_deliver: u32, fail_times: u32| {
+        format!(
+            "instance = \"reuse\"\n[[trigger]]\njetstream = {{ stream = \"RE\", durable = \"{durable}\", filter = \
+             \"{filter}\", max_deliver = {max_deliver}, dead_letter = \"dlq.re\" }}\n[config]\nfail_times = \
+             {fail_times}\n"
+        )
+    };
+    dir.add("retries", "retries", "flaky", &manifest("retries", "re.retry", 2, 1));
+    dir.add("gives-up", "gives-up", "flaky", &manifest("gives-up", "re.doomed", 1, 10));
+    let host = start_host(&server, &dir).await;
+
+    const N: u64 = 50;
+    for i in 0..N {
+        js.publish("re.retry", i.to_string().into()).await.unwrap().await.unwrap();
+        js.publish("re.doomed", i.to_string().into()).await.unwrap().await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "every message settled", || async {
+        let (r, g) = (host.handler_stats("retries").unwrap(), host.handler_stats("gives-up").unwrap());
+        r.acked == N && g.dead_lettered == N
+    })
+    .await;
+    let retries = host.handler_stats("retries").unwrap();
+    assert_eq!((retries.invocations, retries.naked, retries.acked), (2 * N, N, N), "{retries:?}");
+    let gives_up = host.handler_stats("gives-up").unwrap();
+    assert_eq!((gives_up.invocations, gives_up.dead_lettered), (N, N), "{gives_up:?}");
+    assert_eq!(stream_len(&js, "DLQ").await, N);
+    drained(&js, "RE", "retries").await;
+    drained(&js, "RE", "gives-up").await;
+    assert!(host.shutdown().await.clean);
+}

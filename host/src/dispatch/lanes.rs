@@ -18,9 +18,12 @@
 //! delays the other invocations in its lane until it yields at the next
 //! epoch tick; new messages go to the other lanes meanwhile.
 //!
-//! A reuse-mode invocation skips its lane when the lanes are idle: it is
-//! polled first on the trigger's task, and reaches a lane only if it waits
-//! ([`super::Dispatcher::start`] says why).
+//! A reuse-mode invocation (of a tenant on the host's threads) skips its
+//! lane when the lanes are idle: it is polled first on the trigger's task,
+//! and reaches a lane only if it waits ([`super::Dispatcher::start`] says
+//! why). What that gives up: during the poll the trigger reads nothing, for
+//! up to one epoch tick of guest code, plus an instantiation when the reuse
+//! pool is empty, or the drop of an instance that trapped.
 //!
 //! Admission (the concurrency permits) happens before a message reaches a
 //! lane, so queues never hold more than the permits allow. Each job carries

@@ -586,13 +586,14 @@ impl Dispatcher {
     /// reuse-mode handler's invocation is first polled here, on the
     /// trigger's task, when the lanes are idle: most finish in that poll
     /// (a reused instance, no host call that waits), and the hand-off to a
-    /// lane on the other core costs about as much as the call itself (a
-    /// fifth to a quarter of the CPU per message in core-sub-reuse and
-    /// jetstream-ack-reuse; BENCHMARKS.md). One that
-    /// is still pending (a host call waits, or the guest yielded at an
-    /// epoch tick) moves on to a lane, which polls it again and so takes
-    /// over its wake-ups, and while it runs there the lanes are not idle,
-    /// so the next messages go to lanes too and the trigger keeps reading.
+    /// lane on another worker thread costs about as much as the call itself
+    /// (a fifth to a quarter of the CPU per message in core-sub-reuse and
+    /// jetstream-ack-reuse; BENCHMARKS.md). One that is still pending (a
+    /// host call waits, the guest yielded at an epoch tick, or the trigger
+    /// task's cooperative budget ran out) moves on to a lane, which polls
+    /// it again and so takes over its wake-ups, and while it runs there the
+    /// lanes are not idle, so the next messages go to lanes too and the
+    /// trigger keeps reading.
     ///
     /// Always in a lane:
     /// - the invocations of a tenant with threads of its own (configured
@@ -600,8 +601,8 @@ impl Dispatcher {
     ///   trigger's task runs on the host's, and the tenant's guests must
     ///   not;
     /// - fresh mode: its instance work (the drop and the next standby
-    ///   instantiation, ~15 µs) must spread over both cores, and run on the
-    ///   trigger's task it cost core-sub a sixth of its throughput.
+    ///   instantiation, ~15 µs) must spread over the worker threads, and run
+    ///   on the trigger's task it cost core-sub a sixth of its throughput.
     pub(crate) async fn start(
         self: &Arc<Self>,
         lanes: &lanes::Lanes,
