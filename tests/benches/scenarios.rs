@@ -4,10 +4,8 @@
 //!
 //! `cargo bench -p natsfn-e2e --bench scenarios -- --json target/bench.json`
 //!
-//! Flags: `--json PATH` writes the JSON report; `--only NAME[,NAME]` runs a
-//! subset; `--scale F` multiplies every message count (`0.1` for a quick
-//! look); `--rounds N` measures each scenario N times, alternating which
-//! side goes first, and reports medians (`natsfn bench --rounds`).
+//! Flags: see [`USAGE`]. An unknown flag or scenario name is an error that
+//! names it, so a typo never silently runs the whole (long) suite.
 
 use natsfn::bench::{self, Machine, Mode, Report, Scenario, NATIVE_JETSTREAM_WINDOW};
 
@@ -106,20 +104,78 @@ async fn idle_rss(server: &natsfn::NatsServer) -> f64 {
     kib / 1024.0
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+const USAGE: &str = "\
+usage: scenarios [--only NAME[,NAME...]|none] [--scale F] [--rounds N] [--json PATH]
+  --only    run these scenarios only; `none` runs none (only the instance cost and idle memory)
+  --scale   multiply every scenario's message count by F (0.1 for a quick look)
+  --rounds  measure each scenario N times, alternating which side goes first; report medians
+  --json    also write the report as JSON to PATH";
+
+/// What the command line asks for.
+struct Options {
+    only: Option<Vec<String>>,
+    scale: f64,
+    rounds: u32,
+    json: Option<String>,
+}
+
+/// Reads the command line (without the program name): `None` for `--help`,
+/// `Err` saying what is wrong. `known` are the scenarios' names.
+fn options(args: &[String], known: &[String]) -> Result<Option<Options>, String> {
+    let mut o = Options { only: None, scale: 1.0, rounds: 1, json: None };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().cloned().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--only" => {
+                let names: Vec<String> = value()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = names.iter().find(|n| *n != "none" && !known.contains(n)) {
+                    return Err(format!("--only: no scenario `{bad}`; there are: {}", known.join(", ")));
+                }
+                o.only = Some(names);
+            }
+            "--scale" => {
+                let v = value()?;
+                o.scale = v
+                    .parse()
+                    .ok()
+                    .filter(|f: &f64| *f > 0.0)
+                    .ok_or(format!("--scale: `{v}` is not a positive number"))?;
+            }
+            "--rounds" => {
+                let v = value()?;
+                o.rounds =
+                    v.parse().ok().filter(|n| *n > 0).ok_or(format!("--rounds: `{v}` is not a count of 1 or more"))?;
+            }
+            "--json" => o.json = Some(value()?),
+            // cargo bench passes this to every benchmark binary.
+            "--bench" => {}
+            "--help" | "-h" => return Ok(None),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    Ok(Some(o))
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == IDLE_CHILD) {
         println!("{}", idle_rss(&nats()).await);
         return;
     }
-    let scale: f64 = flag(&args, "--scale").map_or(1.0, |s| s.parse().expect("--scale takes a number"));
-    let only: Option<Vec<String>> = flag(&args, "--only").map(|s| s.split(',').map(str::to_owned).collect());
-    let rounds: u32 = flag(&args, "--rounds").map_or(1, |s| s.parse().expect("--rounds takes a count"));
+    let known: Vec<String> = cases().into_iter().map(|c| c.scenario.name).collect();
+    let Options { only, scale, rounds, json } = match options(&args, &known) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
     let mut results = Vec::new();
     let mut machine: Option<Machine> = None;
     for mut c in cases() {
@@ -151,7 +207,7 @@ async fn main() {
     };
     let report = Report { machine, scenarios: results, instance_cost: Some(cost), idle: Some(idle) };
     print!("{}", report.table());
-    if let Some(path) = flag(&args, "--json") {
+    if let Some(path) = json {
         report.write_json(path.as_ref()).expect("write the JSON report");
         eprintln!("wrote {path}");
     }
