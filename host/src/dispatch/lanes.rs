@@ -19,7 +19,7 @@
 //! epoch tick; new messages go to the other lanes meanwhile.
 //!
 //! A reuse-mode invocation (of a tenant on the host's threads) skips its
-//! lane when the lanes are idle: it is polled first on the trigger's task,
+//! lane when the lanes are idle ([`Lanes::idle_on_host_threads`]): it is polled first on the trigger's task,
 //! and reaches a lane only if it waits ([`super::Dispatcher::start`] says
 //! why). What that gives up: during the poll the trigger reads nothing, for
 //! up to one epoch tick of guest code, plus an instantiation when the reuse
@@ -51,6 +51,10 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// holds and end.
 pub(crate) struct Lanes {
     lanes: Vec<Lane>,
+    /// Where the lanes run: the tenant's guest threads, or the host's.
+    runtime: tokio::runtime::Handle,
+    /// Whether that is the host's threads, where triggers run too.
+    on_host_threads: bool,
 }
 
 struct Lane {
@@ -71,7 +75,9 @@ impl Lanes {
     /// none): one per thread, but no more than `max_concurrency`, since more
     /// lanes than invocations in flight would only sit idle.
     fn start(tenant: &Tenant, max_concurrency: u32) -> Lanes {
-        let runtime = tenant.runtime().unwrap_or_else(tokio::runtime::Handle::current);
+        let own = tenant.runtime();
+        let on_host_threads = own.is_none();
+        let runtime = own.unwrap_or_else(tokio::runtime::Handle::current);
         let threads = runtime.metrics().num_workers();
         let count = threads.min(max_concurrency as usize).max(1);
         let lanes = (0..count)
@@ -82,17 +88,29 @@ impl Lanes {
                 Lane { queue, load }
             })
             .collect();
-        Lanes { lanes }
+        Lanes { lanes, runtime, on_host_threads }
     }
 
-    /// Whether no lane holds a job: nothing is queued or running in them.
-    pub(crate) fn idle(&self) -> bool {
-        self.lanes.iter().all(|l| l.load.load(Ordering::Relaxed) == 0)
+    /// Whether an invocation may run on the trigger's own task instead of a
+    /// lane: the lanes run on the host's threads, where the trigger does
+    /// (a tenant with threads of its own must have its guests run there),
+    /// and no lane holds a job (nothing is queued or running in them).
+    pub(crate) fn idle_on_host_threads(&self) -> bool {
+        self.on_host_threads && self.lanes.iter().all(|l| l.load.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Runs `job` in the lane with the least work. Lanes end only with their
+    /// runtime; should that be under way, the admitted job still runs, in a
+    /// task of its own there, tracked by `tracker` so shutdown waits for it.
+    pub(crate) fn run(&self, job: Job, tracker: &tokio_util::task::TaskTracker) {
+        if let Err(job) = self.submit(job) {
+            drop(tracker.spawn_on(job, &self.runtime));
+        }
     }
 
     /// Hands `job` to the lane with the least work. Returns the job when
     /// every lane has ended (only when its runtime is shutting down).
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+    fn submit(&self, job: Job) -> Result<(), Job> {
         let Some(lane) = self.lanes.iter().min_by_key(|l| l.load.load(Ordering::Relaxed)) else {
             return Err(job);
         };

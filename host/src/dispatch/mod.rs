@@ -611,18 +611,12 @@ impl Dispatcher {
         delivery: Delivery,
         admission: Admission,
     ) {
-        let tenant = handler.tenant.clone();
-        let here =
-            matches!(handler.instances, pool::Instances::Reuse(_)) && !handler.tenant.has_own_threads() && lanes.idle();
+        let here = matches!(handler.instances, pool::Instances::Reuse(_)) && lanes.idle_on_host_threads();
         let mut job = self.job(handler, origin, delivery, admission);
         if here && poll_once(&mut job).await {
             return;
         }
-        // Lanes end only with their runtime; should that be under way, the
-        // admitted message still runs, in a task of its own.
-        if let Err(job) = lanes.submit(job) {
-            tenant.spawn(&self.invocations, job);
-        }
+        lanes.run(job, &self.invocations);
     }
 
     /// The whole of one invocation as a future: span, invocation, and the

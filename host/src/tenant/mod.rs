@@ -18,7 +18,6 @@ mod connect;
 mod rate;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -227,26 +226,6 @@ impl Tenant {
     /// The runtime of the tenant's own guest threads, when it has them.
     pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
         self.runtime.as_ref().and_then(|t| t.0.as_ref()).map(|rt| rt.handle().clone())
-    }
-
-    /// Whether the tenant's guests run on threads of their own rather than
-    /// the host's (then no guest of it may run on a trigger's task, which
-    /// is on the host's threads).
-    pub(crate) fn has_own_threads(&self) -> bool {
-        self.runtime.as_ref().is_some_and(|t| t.0.is_some())
-    }
-
-    /// Runs an invocation in a task of its own on the tenant's threads (or
-    /// the host's), tracked by `tracker` so shutdown can wait for it.
-    pub(crate) fn spawn(
-        &self,
-        tracker: &tokio_util::task::TaskTracker,
-        task: impl Future<Output = ()> + Send + 'static,
-    ) {
-        match self.runtime() {
-            Some(rt) => drop(tracker.spawn_on(task, &rt)),
-            None => drop(tracker.spawn(task)),
-        }
     }
 
     /// Waits for one of the tenant's instance permits (immediately `None`
