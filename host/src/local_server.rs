@@ -13,6 +13,11 @@
 //! no orphan keeps the port and the store. The kernel sends that signal when
 //! the *thread* that started the child ends, so the child is started from a
 //! keeper thread that lives exactly as long as the [`NatsServer`].
+//!
+//! What such a death cannot take along is the temporary store directory.
+//! Each one names its owner (pid and start time) in a file, and every start
+//! of a server with a temporary store first removes the stores whose owner
+//! is gone, so a host that keeps being killed does not fill the disk.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -99,8 +104,13 @@ impl NatsServerBuilder {
         let (temp, store_dir) = match self.store_dir {
             Some(dir) => (None, dir),
             None => {
-                let temp =
-                    tempfile::Builder::new().prefix("natsfn-nats-").tempdir().map_err(LocalServerError::Store)?;
+                let parent = std::env::temp_dir();
+                stale::sweep(&parent);
+                let temp = tempfile::Builder::new()
+                    .prefix(stale::PREFIX)
+                    .tempdir_in(&parent)
+                    .map_err(LocalServerError::Store)?;
+                stale::claim(temp.path()).map_err(LocalServerError::Store)?;
                 let dir = temp.path().to_owned();
                 (Some(temp), dir)
             }
@@ -223,6 +233,126 @@ fn set_parent_death_signal(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_cmd: &mut Command) {}
+
+/// Temporary stores whose owner died without removing them.
+mod stale {
+    use std::path::Path;
+
+    /// How every temporary store's directory name starts.
+    pub(super) const PREFIX: &str = "natsfn-nats-";
+    /// The file in a temporary store that names the process owning it.
+    const OWNER: &str = "natsfn-owner";
+
+    /// Marks `store` as this process's.
+    pub(super) fn claim(store: &Path) -> std::io::Result<()> {
+        match identity(std::process::id()) {
+            Some(me) => std::fs::write(store.join(OWNER), me),
+            // Without /proc no owner can be checked later; an unmarked
+            // store is never swept.
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the temporary stores in `parent` whose owner is no longer
+    /// running. A store without an owner file (made by an older natsfn, or
+    /// being made right now) is left alone, and so is any store whose owner
+    /// cannot be read: only a store known to be orphaned goes. Returns how
+    /// many were removed.
+    pub(super) fn sweep(parent: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(parent) else { return 0 };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(PREFIX) {
+                continue;
+            }
+            let store = entry.path();
+            let Ok(owner) = std::fs::read_to_string(store.join(OWNER)) else { continue };
+            if is_running(&owner) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&store) {
+                Ok(()) => {
+                    tracing::info!(store = %store.display(), "removed the JetStream store of a local nats-server whose host was killed");
+                    removed += 1;
+                }
+                Err(e) => tracing::debug!(store = %store.display(), "cannot remove a stale JetStream store: {e}"),
+            }
+        }
+        removed
+    }
+
+    /// Whether the process an owner file names still runs. A pid alone is
+    /// not enough, since pids are reused: the start time must match too.
+    fn is_running(owner: &str) -> bool {
+        let Some(pid) = owner.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) else {
+            // Unreadable: not ours to judge.
+            return true;
+        };
+        identity(pid).as_deref() == Some(owner.trim())
+    }
+
+    /// `"<pid> <start time>"` for a running process, from /proc (the start
+    /// time is field 22 of its stat, in clock ticks since boot).
+    fn identity(pid: u32) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses; the
+        // fields after its closing parenthesis do not.
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let start = after_name.split_whitespace().nth(19)?;
+        Some(format!("{pid} {start}"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn store(parent: &Path, name: &str, owner: Option<&str>) -> std::path::PathBuf {
+            let dir = parent.join(format!("{PREFIX}{name}"));
+            std::fs::create_dir_all(dir.join("jetstream")).unwrap();
+            if let Some(owner) = owner {
+                std::fs::write(dir.join(OWNER), owner).unwrap();
+            }
+            dir
+        }
+
+        #[test]
+        #[cfg(target_os = "linux")]
+        fn only_stores_of_processes_that_are_gone_are_removed() {
+            let parent = tempfile::tempdir().unwrap();
+            let me = identity(std::process::id()).unwrap();
+            let pid = std::process::id();
+            let mine = store(parent.path(), "mine", Some(&me));
+            // Our pid with another start time: a process that died and
+            // whose pid was given to us.
+            let reused = store(parent.path(), "reused", Some(&format!("{pid} 1")));
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let dead_pid = child.id();
+            child.wait().unwrap();
+            let dead = store(parent.path(), "dead", Some(&format!("{dead_pid} 12345")));
+            let unmarked = store(parent.path(), "unmarked", None);
+            let garbled = store(parent.path(), "garbled", Some("not a pid"));
+            let other = parent.path().join("someone-else");
+            std::fs::create_dir(&other).unwrap();
+            std::fs::write(other.join(OWNER), format!("{dead_pid} 12345")).unwrap();
+
+            assert_eq!(sweep(parent.path()), 2);
+            assert!(!reused.exists() && !dead.exists());
+            assert!(mine.exists() && unmarked.exists() && garbled.exists() && other.exists());
+        }
+
+        #[test]
+        #[cfg(target_os = "linux")]
+        fn a_claimed_store_names_this_process() {
+            let parent = tempfile::tempdir().unwrap();
+            let dir = store(parent.path(), "claimed", None);
+            claim(&dir).unwrap();
+            let owner = std::fs::read_to_string(dir.join(OWNER)).unwrap();
+            assert!(owner.starts_with(&format!("{} ", std::process::id())), "{owner}");
+            assert!(is_running(&owner));
+            assert_eq!(sweep(parent.path()), 0);
+        }
+    }
+}
 
 fn find_binary() -> Result<PathBuf, LocalServerError> {
     if let Some(path) = std::env::var_os(NATS_SERVER_BIN) {

@@ -22,19 +22,27 @@ fn quickstart_like_dir() -> HandlerDir {
     dir
 }
 
+/// A host started by [`run_with_own_server`], and where its server is.
+struct OwnServer {
+    natsfn: Natsfn,
+    port: String,
+    store: std::path::PathBuf,
+}
+
 /// Runs `natsfn run` without `--nats` on `dir` and waits until it serves;
-/// returns the process and the port of the server it started, after one
-/// request answered through that server.
-async fn run_with_own_server(dir: &HandlerDir, name: &str) -> (Natsfn, String) {
+/// returns the process, and the port and store of the server it started,
+/// after one request answered through that server.
+async fn run_with_own_server(dir: &HandlerDir, name: &str) -> OwnServer {
     let mut natsfn = Natsfn::spawn(natsfn_bin(), &["run", "--handlers", dir.path().to_str().unwrap()], &[]);
     let line = natsfn.wait_for(&["started local nats-server at nats://127.0.0.1:"]);
     let url = line.split(" at ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    let store = line.split("(JetStream store ").nth(1).unwrap().trim_end().trim_end_matches(')').into();
     natsfn.wait_for(&["natsfn: ready"]);
     let client = async_nats::connect(&url).await.unwrap();
     assert_eq!(text(&request(&client, "cli.greet", name).await), format!("Hi, {name}!"));
     drop(client);
     let port = url.rsplit(':').next().unwrap().to_owned();
-    (natsfn, port)
+    OwnServer { natsfn, port, store }
 }
 
 /// Runs `natsfn run` on `dir` against `server` and waits until it serves.
@@ -48,22 +56,24 @@ fn run_against(server: &NatsServer, dir: &HandlerDir) -> Natsfn {
 #[tokio::test]
 async fn without_nats_flag_it_starts_and_stops_its_own_server() {
     let dir = quickstart_like_dir();
-    let (mut natsfn, port) = run_with_own_server(&dir, "local").await;
+    let OwnServer { mut natsfn, port, store } = run_with_own_server(&dir, "local").await;
     natsfn.signal("-INT");
     assert_eq!(natsfn.wait_exit(), 0);
     assert!(
         std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
         "the local nats-server is stopped with the host"
     );
+    assert!(!store.exists(), "the temporary JetStream store {} is removed on exit", store.display());
 }
 
 /// A host killed without warning (SIGKILL, as the OOM killer would) leaves
-/// no nats-server behind holding the port and the store.
+/// no nats-server behind holding the port, and the next host that starts
+/// its own server removes the store the killed one could not.
 #[tokio::test]
 #[cfg(target_os = "linux")]
 async fn a_killed_host_takes_its_own_server_with_it() {
     let dir = quickstart_like_dir();
-    let (mut natsfn, port) = run_with_own_server(&dir, "doomed").await;
+    let OwnServer { mut natsfn, port, store } = run_with_own_server(&dir, "doomed").await;
     natsfn.kill9();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok() {
@@ -73,6 +83,12 @@ async fn a_killed_host_takes_its_own_server_with_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    let mut next = run_with_own_server(&dir, "next").await;
+    assert!(!store.exists(), "the next host removes the killed host's store {}", store.display());
+    assert!(next.store.exists());
+    next.natsfn.signal("-INT");
+    assert_eq!(next.natsfn.wait_exit(), 0);
 }
 
 /// A host whose NATS server has gone away still stops when asked: it does
