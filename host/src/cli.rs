@@ -463,7 +463,8 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let host = || Host::builder().handlers_dir_all(dirs.clone()).max_instances(max_instances);
     let measured = async {
         let machine = Machine::detect(&url).await?;
-        let result = bench::run(&url, &scenario, args.rounds, host).await?;
+        let server = local.as_ref().map_or_else(|| bench::Server::at(&url), bench::Server::local);
+        let result = bench::run(&server, &scenario, args.rounds, host).await?;
         Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_cost: None, idle: None })
     };
     let code = match measured.await {

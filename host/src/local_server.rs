@@ -175,6 +175,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The JetStream store directory.
     pub fn store_dir(&self) -> &Path {
         &self.store_dir

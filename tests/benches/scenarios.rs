@@ -191,7 +191,7 @@ async fn main() {
         dir.add("handler", "handler", c.guest, &c.manifest);
         let host = || natsfn::Host::builder().handlers_dir(dir.path());
         eprintln!("running {} ({} messages per side, {rounds} rounds)", c.scenario.name, c.scenario.messages);
-        let result = bench::run(&server.url(), &c.scenario, rounds, host)
+        let result = bench::run(&bench::Server::local(&server), &c.scenario, rounds, host)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", c.scenario.name));
         results.push(result);

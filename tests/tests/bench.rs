@@ -22,6 +22,8 @@ fn check_side(side: &Value, timed: bool) {
         }
     }
     assert!(side["p50_us"].as_f64() <= side["p99_us"].as_f64());
+    let server_cpu = &side["server_cpu_us_per_msg"];
+    assert!(server_cpu.is_null() || server_cpu.as_f64().is_some_and(|c| c > 0.0), "{side}");
 }
 
 fn check_report(json: &Value, names: &[&str], timed: bool) {
@@ -99,8 +101,15 @@ async fn every_scenario_kind_runs_both_sides_to_completion() {
         let dir = HandlerDir::new();
         dir.add("h", "h", guest_name, manifest);
         let host = || natsfn::Host::builder().handlers_dir(dir.path());
-        let r = bench::run(&url, &s, 1, host).await.unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let r =
+            bench::run(&bench::Server::local(&server), &s, 1, host).await.unwrap_or_else(|e| panic!("{}: {e}", s.name));
         assert_eq!((r.natsfn.messages, r.native.messages), (300, 300));
+        // The server runs here, so its CPU time is measured: never nothing,
+        // since it routed every message.
+        for side in [&r.natsfn, &r.native] {
+            let server_cpu = side.server_cpu_us_per_msg.unwrap_or_else(|| panic!("{}: no server CPU", s.name));
+            assert!(server_cpu > 0.0 && server_cpu.is_finite(), "{}: {server_cpu}", s.name);
+        }
         results.push(r);
     }
     let report = bench::Report { machine, scenarios: results, instance_cost: None, idle: None };

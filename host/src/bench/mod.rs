@@ -14,7 +14,8 @@
 //!
 //! What is measured per phase (`measure`): throughput, request round-trip
 //! percentiles, CPU time of the whole process (load generator included,
-//! the same on both sides) per message, and peak RSS. [`Report`] prints the
+//! the same on both sides) per message, the nats-server's CPU time per
+//! message when it runs here, and peak RSS. [`Report`] prints the
 //! table and writes the JSON that `natsfn bench --json` and the
 //! `scenarios` benchmark produce.
 
@@ -39,6 +40,28 @@ use crate::host::{HostBuilder, HostError};
 /// divided by the pull's round trip, so a like-for-like comparison gives
 /// the handler this many slots (the `scenarios` benchmark does).
 pub const NATIVE_JETSTREAM_WINDOW: usize = 256;
+
+/// The nats-server a benchmark runs against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Its client URL.
+    pub url: String,
+    /// Its process, when it runs on this machine: its CPU time per message
+    /// is then measured too. `None` for a server elsewhere.
+    pub pid: Option<u32>,
+}
+
+impl Server {
+    /// A server known only by its URL.
+    pub fn at(url: impl Into<String>) -> Server {
+        Server { url: url.into(), pid: None }
+    }
+
+    /// A local server this process started.
+    pub fn local(server: &crate::local_server::NatsServer) -> Server {
+        Server { url: server.url(), pid: Some(server.pid()) }
+    }
+}
 
 /// What the handler under test is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +111,9 @@ pub struct Measurement {
     pub latency: Option<Percentiles>,
     /// CPU time of the process (every thread) per message, in microseconds.
     pub cpu_us_per_msg: f64,
+    /// CPU time of the nats-server per message, in microseconds, when it
+    /// runs here ([`Server::pid`]).
+    pub server_cpu_us_per_msg: Option<f64>,
     /// Peak resident memory, in MiB.
     pub peak_rss_mb: f64,
     /// What the peak covers.
@@ -154,6 +180,10 @@ impl Measurement {
             msgs_per_sec: of(|m| m.msgs_per_sec),
             latency,
             cpu_us_per_msg: of(|m| m.cpu_us_per_msg),
+            server_cpu_us_per_msg: {
+                let known: Vec<f64> = rounds.iter().filter_map(|m| m.server_cpu_us_per_msg).collect();
+                (!known.is_empty()).then(|| median(&known))
+            },
             peak_rss_mb: rounds.first().map_or(0.0, |m| m.peak_rss_mb),
             rss_scope: rounds.first().map_or(RssScope::Process, |m| m.rss_scope),
         }
@@ -215,26 +245,26 @@ pub enum BenchError {
     },
 }
 
-/// Runs `scenario` `rounds` times (at least once) against the server at
-/// `url`: each round measures a native phase and a natsfn phase with the
-/// handlers of a host from `host` (its NATS URL is set to `url` here).
+/// Runs `scenario` `rounds` times (at least once) against `server`: each
+/// round measures a native phase and a natsfn phase with the handlers of a
+/// host from `host` (its NATS URL is set to the server's here).
 /// Rounds alternate which side goes first, so neither side always runs on
 /// a machine the other has just warmed (or tired).
 pub async fn run(
-    url: &str,
+    server: &Server,
     scenario: &Scenario,
     rounds: u32,
     mut host: impl FnMut() -> HostBuilder,
 ) -> Result<ScenarioResult, BenchError> {
     let mut measured = Vec::new();
     for round in 0..rounds.max(1) {
-        let natsfn_side = Side::Natsfn(Box::new(host().nats_url(url)));
+        let natsfn_side = Side::Natsfn(Box::new(host().nats_url(&server.url)));
         let pair = if round % 2 == 0 {
-            let native = phase(url, scenario, Side::Native).await?;
-            (native, phase(url, scenario, natsfn_side).await?)
+            let native = phase(server, scenario, Side::Native).await?;
+            (native, phase(server, scenario, natsfn_side).await?)
         } else {
-            let natsfn = phase(url, scenario, natsfn_side).await?;
-            (phase(url, scenario, Side::Native).await?, natsfn)
+            let natsfn = phase(server, scenario, natsfn_side).await?;
+            (phase(server, scenario, Side::Native).await?, natsfn)
         };
         measured.push(pair);
     }
@@ -316,7 +346,8 @@ async fn start(url: &str, scenario: &Scenario, side: Ready) -> Result<Running, B
     })
 }
 
-async fn phase(url: &str, scenario: &Scenario, side: Side) -> Result<Measurement, BenchError> {
+async fn phase(server: &Server, scenario: &Scenario, side: Side) -> Result<Measurement, BenchError> {
+    let url = server.url.as_str();
     let payload = bytes::Bytes::from(vec![b'x'; scenario.payload_size]);
     let n = scenario.messages;
     if let Mode::JetStream { stream } = &scenario.mode {
@@ -325,7 +356,7 @@ async fn phase(url: &str, scenario: &Scenario, side: Side) -> Result<Measurement
         let _ = client.drain().await;
     }
     let ready = side.prepare().await?;
-    let meter = measure::Meter::start();
+    let meter = measure::Meter::start(server.pid);
     // A stream's messages are waiting already: consuming starts with the
     // consumer, so its creation is timed, on both sides alike.
     let t0 = std::time::Instant::now();
@@ -348,7 +379,7 @@ async fn phase(url: &str, scenario: &Scenario, side: Side) -> Result<Measurement
             load::drive(l, progress.clone()).await
         }
     };
-    let (cpu, peak_rss_mb, rss_scope) = meter.stop();
+    let metered = meter.stop();
     drop(progress);
     running.stop().await;
     let driven = driven?;
@@ -358,10 +389,16 @@ async fn phase(url: &str, scenario: &Scenario, side: Side) -> Result<Measurement
         seconds,
         msgs_per_sec: n as f64 / seconds,
         latency: Percentiles::of(driven.latencies),
-        cpu_us_per_msg: cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
-        peak_rss_mb,
-        rss_scope,
+        cpu_us_per_msg: per_message(metered.cpu, n),
+        server_cpu_us_per_msg: metered.server_cpu.map(|cpu| per_message(cpu, n)),
+        peak_rss_mb: metered.peak_rss_mb,
+        rss_scope: metered.rss_scope,
     })
+}
+
+/// `cpu` spread over `n` messages, in microseconds.
+fn per_message(cpu: Duration, n: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / n.max(1) as f64
 }
 
 #[cfg(test)]
@@ -375,6 +412,7 @@ mod tests {
             msgs_per_sec,
             latency: p50_us.map(|p50_us| Percentiles { p50_us, p90_us: p50_us, p99_us: p50_us, p999_us: p50_us }),
             cpu_us_per_msg: msgs_per_sec / 100.0,
+            server_cpu_us_per_msg: Some(msgs_per_sec / 50.0),
             peak_rss_mb,
             rss_scope: RssScope::Phase,
         }
@@ -412,6 +450,7 @@ mod tests {
         assert_eq!(r.natsfn.msgs_per_sec, 480.0);
         assert_eq!(r.natsfn.latency.map(|p| p.p50_us), Some(160.0));
         assert_eq!(r.natsfn.cpu_us_per_msg, 4.8);
+        assert_eq!(r.natsfn.server_cpu_us_per_msg, Some(9.6));
         assert_eq!(r.natsfn.peak_rss_mb, 20.0, "the first round's peak, not the median");
         assert_eq!(r.native.latency.map(|p| p.p99_us), Some(110.0));
     }

@@ -2,7 +2,8 @@
 //! scripts, shaped as
 //! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio", "round_ratios"}],
 //! "instance_cost_us", "idle"}` (the last two `null` unless measured).
-//! Latency fields are `null` where nothing was timed (no replies). Over
+//! Latency fields are `null` where nothing was timed (no replies), and
+//! `server_cpu_us_per_msg` where the server runs elsewhere. Over
 //! several rounds each side's figures are medians, and `round_ratios`
 //! lists every round's ratio beside their median, `ratio`.
 
@@ -130,8 +131,18 @@ impl Report {
             m.cpu, m.cores, m.kernel, m.nats_server, m.natsfn
         );
         out += &format!(
-            "{:<16} {:<7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>7}\n",
-            "scenario", "side", "msgs/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "cpu µs/msg", "rss MiB", "ratio"
+            "{:<16} {:<7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>7}\n",
+            "scenario",
+            "side",
+            "msgs/s",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "cpu µs/msg",
+            "srv µs/msg",
+            "rss MiB",
+            "ratio"
         );
         for r in &self.scenarios {
             for (label, x, ratio) in [("native", &r.native, None), ("natsfn", &r.natsfn, Some(r.ratio()))] {
@@ -139,7 +150,7 @@ impl Report {
                     x.latency.as_ref().map_or("-".into(), |p| format!("{:.0}", f(p)))
                 };
                 out += &format!(
-                    "{:<16} {:<7} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>10.2} {:>8.1} {:>7}\n",
+                    "{:<16} {:<7} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>10.2} {:>10} {:>8.1} {:>7}\n",
                     r.scenario.name,
                     label,
                     x.msgs_per_sec,
@@ -148,6 +159,7 @@ impl Report {
                     lat(|p| p.p99_us),
                     lat(|p| p.p999_us),
                     x.cpu_us_per_msg,
+                    x.server_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.2}")),
                     x.peak_rss_mb,
                     ratio.map_or(String::new(), |q| format!("{q:.2}")),
                 );
@@ -186,6 +198,7 @@ fn side(x: &Measurement) -> Value {
         "p99_us": lat(|p| p.p99_us),
         "p999_us": lat(|p| p.p999_us),
         "cpu_us_per_msg": x.cpu_us_per_msg,
+        "server_cpu_us_per_msg": x.server_cpu_us_per_msg,
         "peak_rss_mb": x.peak_rss_mb,
         "peak_rss_scope": x.rss_scope.as_str(),
         "messages": x.messages,
