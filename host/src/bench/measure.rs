@@ -1,6 +1,6 @@
 //! What a benchmark phase measures about the process: CPU time (user +
-//! system, from `getrusage`, so every thread counts: the load generator's
-//! as well as the handler's) and peak resident memory (`VmHWM`), and the
+//! system, from the process's CPU clock, so every thread counts: the load
+//! generator's as well as the handler's) and peak resident memory (`VmHWM`), and the
 //! latency percentiles of a set of samples. When the nats-server runs on
 //! this machine, its CPU time over the phase too: on two cores it competes
 //! with both sides, and for JetStream it is most of a message's cost.
@@ -77,8 +77,8 @@ impl Meter {
 }
 
 /// User plus system CPU time of another process, all its threads (those
-/// that ended included), to the nanosecond: the kernel's per-process CPU
-/// clock. `None` when the process is gone or not ours to read.
+/// that ended included): its CPU clock. `None` when the process is gone or
+/// not ours to read.
 fn other_process_cpu(pid: u32) -> Option<Duration> {
     let pid = libc::pid_t::try_from(pid).ok()?;
     let mut clock: libc::clockid_t = 0;
@@ -86,6 +86,16 @@ fn other_process_cpu(pid: u32) -> Option<Duration> {
     if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
         return None;
     }
+    cpu_clock(clock)
+}
+
+/// User plus system CPU time of the whole process, all threads.
+pub fn process_cpu() -> Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(Duration::ZERO)
+}
+
+/// Reads a CPU-time clock, to the nanosecond.
+fn cpu_clock(clock: libc::clockid_t) -> Option<Duration> {
     let mut now = std::mem::MaybeUninit::<libc::timespec>::zeroed();
     // SAFETY: `now` is a valid, writable timespec; clock_gettime only writes it.
     if unsafe { libc::clock_gettime(clock, now.as_mut_ptr()) } != 0 {
@@ -94,21 +104,6 @@ fn other_process_cpu(pid: u32) -> Option<Duration> {
     // SAFETY: clock_gettime returned 0, so it filled the struct.
     let now = unsafe { now.assume_init() };
     Some(Duration::new(u64::try_from(now.tv_sec).ok()?, u32::try_from(now.tv_nsec).ok()?))
-}
-
-/// User plus system CPU time of the whole process, all threads.
-pub fn process_cpu() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `usage` is a valid, writable rusage; getrusage only writes it.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    // SAFETY: getrusage returned 0, so it filled the struct (and zeroed()
-    // made every byte initialised anyway).
-    let usage = unsafe { usage.assume_init() };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// `VmHWM` from `/proc/self/status`, in MiB.
