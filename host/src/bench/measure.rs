@@ -1,9 +1,10 @@
 //! What a benchmark phase measures about the process: CPU time (user +
 //! system, from the process's CPU clock, so every thread counts: the load
-//! generator's as well as the handler's) and peak resident memory (`VmHWM`), and the
-//! latency percentiles of a set of samples. When the nats-server runs on
-//! this machine, its CPU time over the phase too: on two cores it competes
-//! with both sides, and for JetStream it is most of a message's cost.
+//! generator's as well as the handler's) and peak resident memory
+//! (`VmHWM`), and the latency percentiles of a set of samples. When the
+//! nats-server runs on this machine, its CPU time over the phase too: on
+//! two cores it competes with both sides, and for JetStream it is most of
+//! a message's cost.
 //!
 //! Peak RSS is per phase where the kernel allows it: writing `5` to
 //! `/proc/self/clear_refs` resets `VmHWM` to the current RSS, so the natsfn
