@@ -436,3 +436,47 @@ async fn shutdown_abandons_invocations_at_the_deadline() {
     let report = host.shutdown().await;
     assert_eq!(report, natsfn::ShutdownReport { abandoned: 1, clean: false });
 }
+
+/// A guest built without the standard library (`mirror-bare`, on
+/// `natsfn-guest-bare`) works like any other, fresh and reused: its
+/// allocator serves small messages from the module's own arena and grows
+/// the memory for ones larger than it, and frees what it is given back, so
+/// a reused instance serves many large messages within its memory limit.
+#[tokio::test]
+async fn a_guest_without_std_serves_small_and_large_messages_fresh_and_reused() {
+    let bare = std::fs::read(guest("mirror_bare")).unwrap();
+    let with_std = std::fs::read(guest("mirror")).unwrap();
+    let imports_wasi = |wasm: &[u8]| wasm.windows(5).any(|w| w == b"wasi:");
+    assert!(imports_wasi(&with_std), "the check finds std's WASI imports");
+    assert!(!imports_wasi(&bare), "mirror-bare imports no WASI at all");
+
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("fresh", "fresh", "mirror_bare", "[[trigger]]\nsubject = \"bare.fresh\"");
+    // 4 MiB of memory: 40 replies of 300 KiB would not fit if freed
+    // memory were not reused.
+    dir.add(
+        "reused",
+        "reused",
+        "mirror_bare",
+        "instance = \"reuse\"\n[[trigger]]\nsubject = \"bare.reused\"\n[limits]\nmax_concurrency = 1\nmemory_mb = 4",
+    );
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+    // Past the allocator's 256 KiB arena, within NATS's 1 MiB payload limit.
+    let large: String = (0..300 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    for subject in ["bare.fresh", "bare.reused"] {
+        for round in 0..20 {
+            for payload in ["", "hi", large.as_str()] {
+                let reply = request(&client, subject, payload).await;
+                assert_eq!(reply.payload.len(), payload.len(), "{subject}, round {round}");
+                assert!(text(&reply) == payload, "{subject}, round {round}: the payload came back changed");
+            }
+        }
+    }
+    for name in ["fresh", "reused"] {
+        let stats = host.handler_stats(name).unwrap();
+        assert_eq!((stats.invocations, stats.ok), (60, 60), "{name}: {stats:?}");
+    }
+    assert!(host.shutdown().await.clean);
+}

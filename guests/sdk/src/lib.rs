@@ -20,6 +20,16 @@
 //! natsfn_guest::export_handler!(Echo);
 //! ```
 
+// No standard library needed: guests built with `std` link it themselves,
+// and `no_std` guests (see `natsfn-guest-bare`) get the same bindings.
+#![no_std]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
 // Lets the generated code's absolute `natsfn_guest::...` paths (needed so the
 // exported macro works in guest crates) also resolve inside this crate.
 extern crate self as natsfn_guest;
