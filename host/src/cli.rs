@@ -465,7 +465,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
         let machine = Machine::detect(&url).await?;
         let server = local.as_ref().map_or_else(|| bench::Server::at(&url), bench::Server::local);
         let result = bench::run(&server, &scenario, args.rounds, host).await?;
-        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_cost: None, idle: None })
+        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_costs: Vec::new(), idle: None })
     };
     let code = match measured.await {
         Ok(report) => {

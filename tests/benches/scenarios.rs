@@ -52,6 +52,10 @@ fn cases() -> Vec<Case> {
     // instance, to show what the instance costs there.
     let jetstream_reuse =
         reused(case("jetstream-ack-reuse", Mode::JetStream { stream: "BENCH".into() }, 128, 50_000, 1));
+    // Nor this: core-sub with `mirror` built without the standard library,
+    // to show what the guest's shape costs a fresh instance.
+    let mut bare = case("core-sub-bare", Mode::Publish, 128, 200_000, 1);
+    bare.guest = "mirror_bare";
     vec![
         case("core-sub", Mode::Publish, 128, 200_000, 1),
         case("req-reply-128", Mode::Request, 128, 20_000, 1),
@@ -61,8 +65,13 @@ fn cases() -> Vec<Case> {
         fan,
         reuse,
         jetstream_reuse,
+        bare,
     ]
 }
+
+/// The guests whose instance cost is measured in isolation: the trivial
+/// guest as most handlers are built (with `std`), and without `std`.
+const INSTANCE_COST_GUESTS: [&str; 2] = ["mirror", "mirror_bare"];
 
 /// How many handlers the idle-memory measurement loads.
 const IDLE_HANDLERS: usize = 100;
@@ -199,13 +208,18 @@ async fn main() {
     let server = nats();
     let idle = bench::IdleMemory { handlers: IDLE_HANDLERS, rss_mb: idle_rss_in_child() };
     let client = async_nats::connect(server.url()).await.expect("connect");
-    let wasm = std::fs::read(natsfn_e2e::guest("mirror")).expect("read the mirror guest");
-    let cost = bench::instance_cost(client, &wasm, (20_000.0 * scale) as u32 + 100).await.expect("instance cost");
+    let mut instance_costs = Vec::new();
+    for guest in INSTANCE_COST_GUESTS {
+        let wasm = std::fs::read(natsfn_e2e::guest(guest)).unwrap_or_else(|e| panic!("read the {guest} guest: {e}"));
+        let iterations = (20_000.0 * scale) as u32 + 100;
+        let cost = bench::instance_cost(client.clone(), &wasm, iterations).await.expect("instance cost");
+        instance_costs.push(bench::GuestCost { guest: guest.into(), cost });
+    }
     let machine = match machine {
         Some(m) => m,
         None => Machine::detect(&server.url()).await.expect("describe the machine"),
     };
-    let report = Report { machine, scenarios: results, instance_cost: Some(cost), idle: Some(idle) };
+    let report = Report { machine, scenarios: results, instance_costs, idle: Some(idle) };
     print!("{}", report.table());
     if let Some(path) = json {
         report.write_json(path.as_ref()).expect("write the JSON report");

@@ -112,7 +112,7 @@ async fn every_scenario_kind_runs_both_sides_to_completion() {
         }
         results.push(r);
     }
-    let report = bench::Report { machine, scenarios: results, instance_cost: None, idle: None };
+    let report = bench::Report { machine, scenarios: results, instance_costs: Vec::new(), idle: None };
     check_report(&report.to_json(), &["sub", "fan", "js"], false);
     assert!(report.table().lines().count() >= 8);
 }
@@ -136,10 +136,11 @@ async fn instance_cost_splits_a_fresh_message_into_its_steps() {
     let report = bench::Report {
         machine: bench::Machine::detect(&server.url()).await.unwrap(),
         scenarios: Vec::new(),
-        instance_cost: Some(cost),
+        instance_costs: vec![bench::GuestCost { guest: "mirror".into(), cost }],
         idle: None,
     };
     let json = report.to_json();
-    assert_eq!(json["instance_cost_us"]["fresh_steps"]["instantiate"].as_f64(), Some(s.instantiate_us));
-    assert!(report.table().contains("(store "), "{}", report.table());
+    assert_eq!(json["instance_cost_us"][0]["guest"], "mirror");
+    assert_eq!(json["instance_cost_us"][0]["fresh_steps"]["instantiate"].as_f64(), Some(s.instantiate_us));
+    assert!(report.table().contains("of mirror, in isolation"), "{}", report.table());
 }

@@ -27,7 +27,7 @@ mod report;
 
 pub use instantiate::{instance_cost, FreshSteps, InstanceCost};
 pub use measure::{process_cpu, Percentiles, RssScope};
-pub use report::{IdleMemory, Machine, Report};
+pub use report::{GuestCost, IdleMemory, Machine, Report};
 
 use std::sync::Arc;
 use std::time::Duration;

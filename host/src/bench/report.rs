@@ -1,7 +1,8 @@
 //! The benchmark's output: a table for people and a JSON document for
 //! scripts, shaped as
 //! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio", "round_ratios"}],
-//! "instance_cost_us", "idle"}` (the last two `null` unless measured).
+//! "instance_cost_us": [{"guest", "fresh", "reuse", "fresh_steps"}], "idle"}`
+//! (no instance costs and a `null` idle figure unless measured).
 //! Latency fields are `null` where nothing was timed (no replies), and
 //! `server_cpu_us_per_msg` where the server runs elsewhere. Over
 //! several rounds each side's figures are medians, and `round_ratios`
@@ -59,10 +60,20 @@ pub struct Report {
     pub machine: Machine,
     /// What, in the order run.
     pub scenarios: Vec<ScenarioResult>,
-    /// The instance's own cost per message, measured in isolation.
-    pub instance_cost: Option<super::InstanceCost>,
+    /// The instance's own cost per message, measured in isolation, for
+    /// each guest measured.
+    pub instance_costs: Vec<GuestCost>,
     /// Resident memory with many handlers loaded and idle.
     pub idle: Option<IdleMemory>,
+}
+
+/// One guest's [`InstanceCost`](super::InstanceCost), named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestCost {
+    /// The guest's name (its component's file stem).
+    pub guest: String,
+    /// What an instance of it costs.
+    pub cost: super::InstanceCost,
 }
 
 /// Resident memory of a process whose host has `handlers` handlers loaded,
@@ -96,23 +107,28 @@ impl Report {
                 })
             })
             .collect();
-        let cost = self.instance_cost.map(|c| {
-            let s = c.fresh_steps;
-            json!({
-                "fresh": c.fresh_us,
-                "reuse": c.reuse_us,
-                "fresh_steps": {
-                    "store": s.store_us, "instantiate": s.instantiate_us, "call": s.call_us, "drop": s.drop_us,
-                },
+        let costs: Vec<Value> = self
+            .instance_costs
+            .iter()
+            .map(|GuestCost { guest, cost: c }| {
+                let s = c.fresh_steps;
+                json!({
+                    "guest": guest,
+                    "fresh": c.fresh_us,
+                    "reuse": c.reuse_us,
+                    "fresh_steps": {
+                        "store": s.store_us, "instantiate": s.instantiate_us, "call": s.call_us, "drop": s.drop_us,
+                    },
+                })
             })
-        });
+            .collect();
         json!({
             "machine": {
                 "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel,
                 "nats_server": m.nats_server, "natsfn": m.natsfn,
             },
             "scenarios": scenarios,
-            "instance_cost_us": cost,
+            "instance_cost_us": costs,
             "idle": self.idle.map(|i| json!({"handlers": i.handlers, "rss_mb": i.rss_mb})),
         })
     }
@@ -174,11 +190,11 @@ impl Report {
                 each.join(" ")
             );
         }
-        if let Some(c) = self.instance_cost {
+        for GuestCost { guest, cost: c } in &self.instance_costs {
             let s = c.fresh_steps;
             out += &format!(
-                "instantiate + call + drop, in isolation: {:.2} µs fresh (store {:.2}, instantiate {:.2}, call {:.2}, \
-                 drop {:.2}), {:.2} µs reused\n",
+                "instantiate + call + drop of {guest}, in isolation: {:.2} µs fresh (store {:.2}, instantiate {:.2}, \
+                 call {:.2}, drop {:.2}), {:.2} µs reused\n",
                 c.fresh_us, s.store_us, s.instantiate_us, s.call_us, s.drop_us, c.reuse_us
             );
         }
