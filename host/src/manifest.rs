@@ -409,16 +409,16 @@ impl Manifest {
         let text =
             std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
         let manifest = Manifest::from_toml(&text, path)?;
-        if let Some(component) = &manifest.component {
-            if !component.is_file() {
-                return Err(ManifestError::Field {
-                    path: path.to_owned(),
-                    field: "component".into(),
-                    problem: format!("{} does not exist or is not a file", component.display()),
-                });
-            }
-        }
-        Ok(manifest)
+        let problem = match &manifest.component {
+            Some(component) if component.is_file() => return Ok(manifest),
+            Some(component) => format!("{} does not exist or is not a file", component.display()),
+            // Without this check the manifest itself would be read as the
+            // component, and fail as "not a valid WebAssembly component".
+            None => "missing: a manifest in a handlers directory names its component file \
+                     (e.g. `component = \"handler.wasm\"`, relative to the manifest)"
+                .into(),
+        };
+        Err(ManifestError::Field { path: path.to_owned(), field: "component".into(), problem })
     }
 
     /// Parses and validates manifest text. `origin` names it in errors and
@@ -929,12 +929,25 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_file_without_component_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let e = Manifest::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("a.toml: component: missing"), "{e}");
+    }
+
+    #[test]
     fn discover_finds_both_layouts_and_reports_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let write = |rel: &str, name: &str| {
             let path = dir.path().join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, format!("name = \"{name}\"\n[[trigger]]\nsubject = \"x\"\n")).unwrap();
+            std::fs::write(path.with_extension("wasm"), "").unwrap();
+            let component = path.with_extension("wasm");
+            let component = component.file_name().unwrap().to_str().unwrap();
+            let text = format!("name = \"{name}\"\ncomponent = \"{component}\"\n[[trigger]]\nsubject = \"x\"\n");
+            std::fs::write(&path, text).unwrap();
         };
         write("a.toml", "one");
         write("b.toml", "one");

@@ -23,7 +23,8 @@ fn mixed_dir() -> HandlerDir {
         )
         .write("h-not-wasm.wasm", "this is not wasm")
         .write("h-not-wasm.toml", "name = \"notwasm\"\ncomponent = \"h-not-wasm.wasm\"\n[[trigger]]\nsubject = \"n\"\n")
-        .write("i-not-toml.toml", "name = [unclosed\n");
+        .write("i-not-toml.toml", "name = [unclosed\n")
+        .write("k-no-component.toml", "name = \"nocomponent\"\n[[trigger]]\nsubject = \"k\"\n");
     // A valid component of the wrong world: the WASI adapter-free echo is
     // fine, but a bare core module is not a component at all.
     dir.write("j-core-module.wasm", "");
@@ -56,6 +57,7 @@ async fn broken_handlers_are_skipped_with_clear_errors_and_good_ones_serve() {
         ("h-not-wasm.wasm", "not a valid WebAssembly component"),
         ("i-not-toml.toml", "TOML parse error"),
         ("j-core-module.wasm", "not a valid WebAssembly component"),
+        ("k-no-component.toml", "component: missing"),
     ];
     assert_eq!(errors.len(), expect.len(), "{errors:#?}");
     for (file, needle) in expect {
