@@ -453,7 +453,7 @@ async fn a_guest_without_std_serves_small_and_large_messages_fresh_and_reused() 
     let server = nats();
     let dir = HandlerDir::new();
     dir.add("fresh", "fresh", "mirror_bare", "[[trigger]]\nsubject = \"bare.fresh\"");
-    // 4 MiB of memory: 40 replies of 300 KiB would not fit if freed
+    // 4 MiB of memory: 20 messages of 300 KiB would not fit if freed
     // memory were not reused.
     dir.add(
         "reused",
