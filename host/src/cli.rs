@@ -111,6 +111,12 @@ struct BenchArgs {
     /// Instances alive at once across all handlers (the instance pool size).
     #[arg(long, value_name = "N", default_value_t = crate::limits::DEFAULT_MAX_INSTANCES)]
     max_instances: u32,
+
+    /// After the scenario, time this many fresh and as many reused
+    /// instances of each handler in the directories, alone (instantiate,
+    /// call, drop; no NATS in the loop). 0 skips it.
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    instance_iterations: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -465,7 +471,11 @@ async fn bench(args: BenchArgs) -> ExitCode {
         let machine = Machine::detect(&url).await?;
         let server = local.as_ref().map_or_else(|| bench::Server::at(&url), bench::Server::local);
         let result = bench::run(&server, &scenario, args.rounds, host).await?;
-        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_costs: Vec::new(), idle: None })
+        let instance_costs = match args.instance_iterations {
+            0 => Vec::new(),
+            n => bench::handlers_instance_cost(&url, &dirs, n).await?,
+        };
+        Ok::<_, bench::BenchError>(Report { machine, scenarios: vec![result], instance_costs, idle: None })
     };
     let code = match measured.await {
         Ok(report) => {

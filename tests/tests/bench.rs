@@ -49,7 +49,7 @@ fn the_bench_command_writes_a_table_and_json() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_natsfn-cli"))
         .args(["bench", "--handlers", dir.path().to_str().unwrap(), "--subject", "bench.cli", "--mode", "request"])
         .args(["--messages", "200", "--concurrency", "4", "--name", "cli-echo", "--nats", &server.url()])
-        .args(["--rounds", "2"])
+        .args(["--rounds", "2", "--instance-iterations", "100"])
         .arg("--json")
         .arg(&json_path)
         .output()
@@ -58,8 +58,16 @@ fn the_bench_command_writes_a_table_and_json() {
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("cli-echo") && stdout.contains("natsfn") && stdout.contains("native"), "{stdout}");
     assert!(stdout.contains("cli-echo: medians of 2 rounds; ratio per round"), "{stdout}");
+    assert!(stdout.contains("instantiate + call + drop of mirror, in isolation"), "{stdout}");
     let json: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     check_report(&json, &["cli-echo"], true);
+    // The handler's own instance cost, named after it.
+    let costs = json["instance_cost_us"].as_array().unwrap();
+    assert_eq!(costs.len(), 1, "{costs:?}");
+    assert_eq!(costs[0]["guest"], "mirror");
+    for mode in ["fresh", "reuse"] {
+        assert!(costs[0][mode].as_f64().is_some_and(|us| us > 0.0), "{mode}: {costs:?}");
+    }
     // Two rounds: the ratio is the median of the two, their mean.
     let scenario = &json["scenarios"][0];
     let rounds: Vec<f64> = scenario["round_ratios"].as_array().unwrap().iter().map(|r| r.as_f64().unwrap()).collect();

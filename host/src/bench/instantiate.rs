@@ -125,6 +125,34 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
     Ok(InstanceCost { fresh_us: fresh_steps.total(), reuse_us: reuse.total(), fresh_steps })
 }
 
+/// The instance cost of every handler whose manifest is in `dirs` (the
+/// stores get a connection to the server at `url`; nothing is sent), each
+/// named after its handler: what `natsfn bench` reports beside its
+/// scenario, so a user can see what their own component's shape costs
+/// (and, say, compare a build without `std`). Manifests that do not parse
+/// are skipped: loading the host has already reported them.
+pub async fn handlers_instance_cost(
+    url: &str,
+    dirs: &[std::path::PathBuf],
+    iterations: u32,
+) -> Result<Vec<super::GuestCost>, BenchError> {
+    let nats = super::load::connect(url).await?;
+    let mut costs = Vec::new();
+    for dir in dirs {
+        let found = crate::manifest::discover(dir)
+            .map_err(|e| BenchError::Handler(format!("{}: cannot read the directory: {e}", dir.display())))?;
+        for manifest in found.into_iter().flatten() {
+            let Some(path) = &manifest.component else { continue };
+            let wasm = std::fs::read(path).map_err(|e| BenchError::Handler(format!("{}: {e}", path.display())))?;
+            let cost = instance_cost(nats.clone(), &wasm, iterations)
+                .await
+                .map_err(|e| BenchError::Handler(format!("{}: {e}", manifest.name)))?;
+            costs.push(super::GuestCost { guest: manifest.name.to_string(), cost });
+        }
+    }
+    Ok(costs)
+}
+
 impl FreshSteps {
     /// All the steps together.
     pub fn total(&self) -> f64 {

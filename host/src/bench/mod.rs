@@ -25,7 +25,7 @@ mod measure;
 mod native;
 mod report;
 
-pub use instantiate::{instance_cost, FreshSteps, InstanceCost};
+pub use instantiate::{handlers_instance_cost, instance_cost, FreshSteps, InstanceCost};
 pub use measure::{process_cpu, Percentiles, RssScope};
 pub use report::{GuestCost, IdleMemory, Machine, Report};
 
