@@ -17,6 +17,14 @@ use crate::{Host, HostConfig};
 #[derive(Debug, Parser)]
 #[command(name = "natsfn", version, about)]
 pub struct Cli {
+    /// Worker threads of the host's runtime, which runs the triggers, the
+    /// host calls and the guests of tenants without threads of their own
+    /// (default: one per core). On a small, lightly loaded machine one
+    /// thread can answer requests sooner, since nothing crosses threads
+    /// (BENCHMARKS.md, "Standby instances"); more threads give throughput.
+    #[arg(long, global = true, value_name = "N", env = "NATSFN_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -285,7 +293,11 @@ impl Cli {
         if let Some(p) = &otlp {
             println!("natsfn: tracing on, exporting spans over OTLP {}", p.protocol());
         }
-        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = cli.threads {
+            runtime.worker_threads(n.into());
+        }
+        let runtime = match runtime.enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("natsfn: cannot start the async runtime: {e}");
@@ -410,7 +422,8 @@ async fn run(args: RunArgs, tracer: Option<Tracer>) -> ExitCode {
             }
         }
     }
-    println!("natsfn: ready, nats {url}");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    println!("natsfn: ready, nats {url}, worker threads: {workers}");
 
     let signal = serve_until_stopped(&running).await;
     println!("natsfn: {signal} received, shutting down");

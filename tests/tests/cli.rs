@@ -106,6 +106,31 @@ async fn a_host_whose_server_is_gone_still_shuts_down() {
     natsfn.wait_for(&["the last messages"]);
 }
 
+/// `--threads N` sets the host runtime's worker threads; zero is refused
+/// by name.
+#[tokio::test]
+async fn threads_sets_the_runtime_workers() {
+    let server = nats();
+    let dir = quickstart_like_dir();
+    for n in ["1", "3"] {
+        let handlers = dir.path().to_str().unwrap();
+        let mut natsfn =
+            Natsfn::spawn(natsfn_bin(), &["--threads", n, "run", "--handlers", handlers, "--nats", &server.url()], &[]);
+        // The runtime's own count, as tokio reports it.
+        let ready = natsfn.wait_for(&["natsfn: ready"]);
+        assert!(ready.ends_with(&format!(", worker threads: {n}")), "--threads {n}: {ready}");
+        let client = client(&server).await;
+        assert_eq!(text(&request(&client, "cli.greet", "threads").await), "Hi, threads!");
+        natsfn.signal("-INT");
+        assert_eq!(natsfn.wait_exit(), 0);
+    }
+
+    let refused = Command::new(natsfn_bin()).args(["run", "--threads", "0", "--handlers", "."]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--threads"), "{stderr}");
+}
+
 #[tokio::test]
 async fn guest_logs_and_stdio_are_tagged_with_handler_and_tenant() {
     let server = nats();
