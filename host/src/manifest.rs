@@ -943,10 +943,10 @@ mod tests {
         let write = |rel: &str, name: &str| {
             let path = dir.path().join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path.with_extension("wasm"), "").unwrap();
             let component = path.with_extension("wasm");
-            let component = component.file_name().unwrap().to_str().unwrap();
-            let text = format!("name = \"{name}\"\ncomponent = \"{component}\"\n[[trigger]]\nsubject = \"x\"\n");
+            std::fs::write(&component, "").unwrap();
+            let file = component.file_name().unwrap().to_str().unwrap();
+            let text = format!("name = \"{name}\"\ncomponent = \"{file}\"\n[[trigger]]\nsubject = \"x\"\n");
             std::fs::write(&path, text).unwrap();
         };
         write("a.toml", "one");

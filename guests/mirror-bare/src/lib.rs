@@ -1,7 +1,7 @@
 //! `mirror-bare`: `mirror` built without the standard library. It behaves
 //! the same (the payload back when the message asks for a reply, otherwise
 //! nothing); the benchmarks compare the two to show what a guest's shape
-//! costs per fresh instance (BENCHMARKS.md, "bare guests").
+//! costs per fresh instance (BENCHMARKS.md, "Bare guests").
 
 #![no_std]
 

@@ -8,7 +8,7 @@
 //! not, and wit-component wraps those that take the guest's memory in two
 //! extra core modules. wasmtime instantiates all of that for every fresh
 //! instance; without it, instantiation takes well under half the time
-//! (BENCHMARKS.md, "bare guests"). The price is no `std`: `alloc`'s
+//! (BENCHMARKS.md, "Bare guests"). The price is no `std`: `alloc`'s
 //! `Vec`, `String` and `format!` are there, files, clocks and printing
 //! are not (natsfn's `log` interface is).
 //!

@@ -70,7 +70,8 @@ pub struct Report {
 /// One guest's [`InstanceCost`](super::InstanceCost), named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestCost {
-    /// The guest's name (its component's file stem).
+    /// The guest's name: its component's file stem in the `scenarios`
+    /// benchmark, the handler's name in `natsfn bench`.
     pub guest: String,
     /// What an instance of it costs.
     pub cost: super::InstanceCost,
