@@ -7,7 +7,7 @@
 //! twenty WASI functions (stdio, environment, exit) whether it uses them or
 //! not, and wit-component wraps those that take the guest's memory in two
 //! extra core modules. wasmtime instantiates all of that for every fresh
-//! instance; without it, instantiation takes well under half the time
+//! instance; without it, instantiation takes about 40 % of the time
 //! (BENCHMARKS.md, "Bare guests"). The price is no `std`: `alloc`'s
 //! `Vec`, `String` and `format!` are there, files, clocks and printing
 //! are not (natsfn's `log` interface is).
