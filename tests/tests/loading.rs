@@ -167,6 +167,19 @@ async fn a_restart_with_a_warm_cache_skips_compilation() {
 
     let cold = build().await;
     assert_eq!(outcome(&cold), natsfn::engine::CacheOutcome::Miss);
+    // Even the code just compiled runs from its entry: a mapping of the
+    // file (which the kernel may share and reclaim), not a copy in the
+    // process's own memory.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    assert!(
+        maps.lines().any(|l| l.contains(cache_dir) && l.ends_with(".cwasm")),
+        "no mapping of a cache entry in:\n{maps}"
+    );
+    let running = cold.start().await.unwrap();
+    assert_eq!(text(&request(&client(&server).await, "cached", "compiled").await), "compiled");
+    running.shutdown().await;
+
     let warm = build().await;
     assert_eq!(outcome(&warm), natsfn::engine::CacheOutcome::Hit, "the second start loads compiled code");
     let running = warm.start().await.unwrap();

@@ -61,9 +61,15 @@ impl CodeCache {
         }
     }
 
-    /// Stores `component` for `digest`; failures only cost a recompile
-    /// later, so they are logged, not returned.
-    pub(crate) fn store(&self, engine: &wasmtime::Engine, digest: &str, component: &Component) {
+    /// Stores `component` for `digest` and returns it as loaded back from
+    /// its entry, the same code a restart would load. Freshly compiled,
+    /// the code sits in the process's anonymous memory; loaded from the
+    /// entry it is a private mapping of the file, whose clean pages the
+    /// kernel shares between hosts running the same component and can
+    /// reclaim under memory pressure (BENCHMARKS.md, "Distinct components
+    /// idle"). A failure to write or to load back costs only that: it is
+    /// logged, and the compiled component is returned.
+    pub(crate) fn store(&self, engine: &wasmtime::Engine, digest: &str, component: Component) -> Component {
         let path = self.entry(engine, digest);
         let written = component
             .serialize()
@@ -71,7 +77,9 @@ impl CodeCache {
             .and_then(|bytes| write_atomically(&self.dir, &path, &bytes).map_err(|e| e.to_string()));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), "cannot write compiled-code cache entry: {e}");
+            return component;
         }
+        self.load(engine, digest).unwrap_or(component)
     }
 }
 

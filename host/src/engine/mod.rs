@@ -272,9 +272,9 @@ impl Engine {
         let (component, outcome) = match cached {
             Some(component) => (component, CacheOutcome::Hit),
             None => {
-                let component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
+                let mut component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
                 if let Some(cache) = &self.cache {
-                    cache.store(&self.inner, &digest, &component);
+                    component = cache.store(&self.inner, &digest, component);
                 }
                 (component, CacheOutcome::Miss)
             }
