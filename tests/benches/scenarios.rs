@@ -7,6 +7,8 @@
 //! Flags: see [`USAGE`]. An unknown flag or scenario name is an error that
 //! names it, so a typo never silently runs the whole (long) suite.
 
+use std::path::PathBuf;
+
 use natsfn::bench::{self, Machine, Mode, Report, Scenario, NATIVE_JETSTREAM_WINDOW};
 
 use natsfn_e2e::{nats, HandlerDir};
@@ -77,28 +79,78 @@ const INSTANCE_COST_GUESTS: [&str; 2] = ["mirror", "mirror_bare"];
 const IDLE_HANDLERS: usize = 100;
 
 /// The flag that makes this binary a child that only measures
-/// [`idle_rss`] and prints it.
+/// [`idle_rss`] and prints it; after it, `same`, or `distinct CACHE_DIR`.
 const IDLE_CHILD: &str = "--idle-rss-child";
 
-/// [`idle_rss`] measured in a fresh process (this binary again, with
-/// [`IDLE_CHILD`]): after the scenarios, this process's allocator keeps
-/// what their phases used, which a host that only ever held idle handlers
-/// would never have had.
-fn idle_rss_in_child() -> f64 {
+/// What the idle handlers run.
+enum IdleComponents {
+    /// All the mirror guest: one component, compiled once, shared.
+    Same,
+    /// Each a [`natsfn_e2e::distinct_copy`] of the mirror guest, compiled
+    /// on its own, with this compiled-code cache.
+    Distinct { cache: PathBuf },
+}
+
+/// The idle memory, each figure measured in a fresh process (this binary
+/// again, with [`IDLE_CHILD`]): after the scenarios, this process's
+/// allocator keeps what their phases used, which a host that only ever
+/// held idle handlers would never have had. The distinct components are
+/// loaded twice with one cache: a first start, then a restart.
+fn idle_memory() -> bench::IdleMemory {
+    let cache = tempfile::tempdir().expect("a compiled-code cache folder");
+    let cache = cache.path().to_str().expect("a UTF-8 temp path");
+    bench::IdleMemory {
+        handlers: IDLE_HANDLERS,
+        rss_mb: idle_rss_in_child(&["same"]),
+        distinct: Some(bench::DistinctIdle {
+            first_start_mb: idle_rss_in_child(&["distinct", cache]),
+            restart_mb: idle_rss_in_child(&["distinct", cache]),
+        }),
+    }
+}
+
+fn idle_rss_in_child(args: &[&str]) -> f64 {
     let exe = std::env::current_exe().expect("this benchmark's path");
-    let out = std::process::Command::new(exe).arg(IDLE_CHILD).output().expect("run the idle-memory child");
+    let out = std::process::Command::new(exe).arg(IDLE_CHILD).args(args).output().expect("run the idle-memory child");
     assert!(out.status.success(), "idle-memory child failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("the child prints MiB")
 }
 
-/// Resident memory of this process with [`IDLE_HANDLERS`] handlers (the
-/// mirror guest, one subject each) loaded, bound and idle, in MiB.
-async fn idle_rss(server: &natsfn::NatsServer) -> f64 {
-    let dir = HandlerDir::new();
-    for i in 0..IDLE_HANDLERS {
-        dir.add(&format!("h{i}"), &format!("h{i}"), "mirror", &format!("[[trigger]]\nsubject = \"idle.{i}\""));
+/// The child's side of [`idle_rss_in_child`]: `args` are those after
+/// [`IDLE_CHILD`].
+fn idle_components(args: &[String]) -> IdleComponents {
+    match args {
+        [same] if same == "same" => IdleComponents::Same,
+        [distinct, cache] if distinct == "distinct" => IdleComponents::Distinct { cache: cache.into() },
+        other => panic!("{IDLE_CHILD}: expected `same` or `distinct CACHE_DIR`, got {other:?}"),
     }
-    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.expect("build");
+}
+
+/// Resident memory of this process with [`IDLE_HANDLERS`] handlers (one
+/// subject each) loaded, bound and idle, in MiB.
+async fn idle_rss(server: &natsfn::NatsServer, components: IdleComponents) -> f64 {
+    let dir = HandlerDir::new();
+    let mut builder = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path());
+    let trigger = |i| format!("[[trigger]]\nsubject = \"idle.{i}\"");
+    match components {
+        IdleComponents::Same => {
+            for i in 0..IDLE_HANDLERS {
+                dir.add(&format!("h{i}"), &format!("h{i}"), "mirror", &trigger(i));
+            }
+        }
+        IdleComponents::Distinct { cache } => {
+            let wasm = std::fs::read(natsfn_e2e::guest("mirror")).expect("read the mirror guest");
+            for i in 0..IDLE_HANDLERS {
+                dir.write_bytes(&format!("h{i}.wasm"), &natsfn_e2e::distinct_copy(&wasm, i));
+                dir.write(
+                    &format!("h{i}.toml"),
+                    &format!("name = \"h{i}\"\ncomponent = \"h{i}.wasm\"\n{}\n", trigger(i)),
+                );
+            }
+            builder = builder.cache_dir(cache);
+        }
+    }
+    let host = builder.build().await.expect("build");
     let running = host.start().await.expect("start");
     assert_eq!(running.handlers().len(), IDLE_HANDLERS);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -169,8 +221,8 @@ fn options(args: &[String], known: &[String]) -> Result<Option<Options>, String>
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == IDLE_CHILD) {
-        println!("{}", idle_rss(&nats()).await);
+    if let Some(at) = args.iter().position(|a| a == IDLE_CHILD) {
+        println!("{}", idle_rss(&nats(), idle_components(&args[at + 1..])).await);
         return;
     }
     let known: Vec<String> = cases().into_iter().map(|c| c.scenario.name).collect();
@@ -206,7 +258,7 @@ async fn main() {
         results.push(result);
     }
     let server = nats();
-    let idle = bench::IdleMemory { handlers: IDLE_HANDLERS, rss_mb: idle_rss_in_child() };
+    let idle = idle_memory();
     let client = async_nats::connect(server.url()).await.expect("connect");
     let mut instance_costs = Vec::new();
     for guest in INSTANCE_COST_GUESTS {

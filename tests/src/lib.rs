@@ -86,13 +86,46 @@ impl HandlerDir {
 
     /// Writes a raw file (for broken manifests).
     pub fn write(&self, rel: &str, text: &str) -> &Self {
+        self.write_bytes(rel, text.as_bytes())
+    }
+
+    /// Writes a raw file of bytes (a component of its own).
+    pub fn write_bytes(&self, rel: &str, bytes: &[u8]) -> &Self {
         let path = self.dir.path().join(rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).expect("create folder");
         }
-        std::fs::write(path, text).expect("write file");
+        std::fs::write(path, bytes).expect("write file");
         self
     }
+}
+
+/// `wasm` (a component) with a custom section numbered `n` appended: the
+/// same code in other bytes, which natsfn compiles and holds as a component
+/// of its own, as it would a different handler's.
+pub fn distinct_copy(wasm: &[u8], n: usize) -> Vec<u8> {
+    fn leb128(mut v: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"natsfn-copy";
+    let mut section = Vec::new();
+    leb128(name.len(), &mut section);
+    section.extend_from_slice(name);
+    section.extend_from_slice(n.to_string().as_bytes());
+    let mut out = wasm.to_vec();
+    // Section id 0: a custom section, allowed anywhere in a component.
+    out.push(0);
+    leb128(section.len(), &mut out);
+    out.extend_from_slice(&section);
+    out
 }
 
 /// Builds and starts a host on `dir` against `server`.

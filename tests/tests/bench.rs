@@ -145,10 +145,22 @@ async fn instance_cost_splits_a_fresh_message_into_its_steps() {
         machine: bench::Machine::detect(&server.url()).await.unwrap(),
         scenarios: Vec::new(),
         instance_costs: vec![bench::GuestCost { guest: "mirror".into(), cost }],
-        idle: None,
+        idle: Some(bench::IdleMemory {
+            handlers: 100,
+            rss_mb: 26.5,
+            distinct: Some(bench::DistinctIdle { first_start_mb: 47.3, restart_mb: 36.5 }),
+        }),
     };
     let json = report.to_json();
     assert_eq!(json["instance_cost_us"][0]["guest"], "mirror");
     assert_eq!(json["instance_cost_us"][0]["fresh_steps"]["instantiate"].as_f64(), Some(s.instantiate_us));
-    assert!(report.table().contains("of mirror, in isolation"), "{}", report.table());
+    assert_eq!(json["idle"]["rss_mb"].as_f64(), Some(26.5));
+    assert_eq!(json["idle"]["distinct"]["first_start_rss_mb"].as_f64(), Some(47.3));
+    assert_eq!(json["idle"]["distinct"]["restart_rss_mb"].as_f64(), Some(36.5));
+    let table = report.table();
+    assert!(table.contains("of mirror, in isolation"), "{table}");
+    assert!(
+        table.contains("RSS with 100 handlers loaded and idle: 26.5 MiB; with a distinct component each: 47.3 MiB on a first start, 36.5 MiB on a restart"),
+        "{table}"
+    );
 }

@@ -194,6 +194,35 @@ async fn a_restart_with_a_warm_cache_skips_compilation() {
     assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Hit);
 }
 
+/// What the benchmark's idle figure for distinct components relies on: a
+/// copy of a component in other bytes is compiled and held apart, and
+/// runs as the original does.
+#[tokio::test]
+async fn distinct_copies_of_a_component_are_compiled_apart_and_run() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let wasm = std::fs::read(guest("echo")).unwrap();
+    for i in 0..2 {
+        dir.write_bytes(&format!("e{i}.wasm"), &distinct_copy(&wasm, i));
+        dir.write(
+            &format!("e{i}.toml"),
+            &format!("name = \"e{i}\"\ncomponent = \"e{i}.wasm\"\n[[trigger]]\nsubject = \"copy.{i}\"\n"),
+        );
+    }
+    let host = natsfn::Host::builder().nats_url(server.url()).handlers_dir(dir.path()).build().await.unwrap();
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    let handlers = host.handlers();
+    assert_eq!(handlers.len(), 2);
+    assert!(handlers.iter().all(|h| h.cache == natsfn::engine::CacheOutcome::Miss), "each compiled on its own");
+    assert_ne!(handlers[0].version, handlers[1].version);
+    let running = host.start().await.unwrap();
+    let client = client(&server).await;
+    for i in 0..2 {
+        assert_eq!(text(&request(&client, &format!("copy.{i}"), "copied").await), "copied");
+    }
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_with_the_same_component_share_its_code() {
     let server = nats();

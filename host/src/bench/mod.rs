@@ -27,7 +27,7 @@ mod report;
 
 pub use instantiate::{handlers_instance_cost, instance_cost, FreshSteps, InstanceCost};
 pub use measure::{process_cpu, Percentiles, RssScope};
-pub use report::{GuestCost, IdleMemory, Machine, Report};
+pub use report::{DistinctIdle, GuestCost, IdleMemory, Machine, Report};
 
 use std::sync::Arc;
 use std::time::Duration;

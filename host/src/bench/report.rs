@@ -1,7 +1,8 @@
 //! The benchmark's output: a table for people and a JSON document for
 //! scripts, shaped as
 //! `{"machine": {...}, "scenarios": [{"name", "natsfn": {...}, "native": {...}, "ratio", "round_ratios"}],
-//! "instance_cost_us": [{"guest", "fresh", "reuse", "fresh_steps"}], "idle"}`
+//! "instance_cost_us": [{"guest", "fresh", "reuse", "fresh_steps"}], "idle": {"handlers", "rss_mb",
+//! "distinct": {"first_start_rss_mb", "restart_rss_mb"}}}`
 //! (no instance costs and a `null` idle figure unless measured).
 //! Latency fields are `null` where nothing was timed (no replies), and
 //! `server_cpu_us_per_msg` where the server runs elsewhere. Over
@@ -83,8 +84,23 @@ pub struct GuestCost {
 pub struct IdleMemory {
     /// Handlers loaded.
     pub handlers: usize,
-    /// `VmRSS`, in MiB.
+    /// `VmRSS`, in MiB, when the handlers share one component (and so its
+    /// compiled code).
     pub rss_mb: f64,
+    /// The same when every handler has a component of its own.
+    pub distinct: Option<DistinctIdle>,
+}
+
+/// [`IdleMemory`] with a distinct component per handler: each compiled on
+/// its own, its code held once per handler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistinctIdle {
+    /// `VmRSS`, in MiB, on a first start: every component compiled, with
+    /// an empty compiled-code cache.
+    pub first_start_mb: f64,
+    /// `VmRSS`, in MiB, on a restart: every component loaded from the
+    /// cache the first start filled.
+    pub restart_mb: f64,
 }
 
 impl Report {
@@ -130,7 +146,13 @@ impl Report {
             },
             "scenarios": scenarios,
             "instance_cost_us": costs,
-            "idle": self.idle.map(|i| json!({"handlers": i.handlers, "rss_mb": i.rss_mb})),
+            "idle": self.idle.map(|i| json!({
+                "handlers": i.handlers,
+                "rss_mb": i.rss_mb,
+                "distinct": i.distinct.map(|d| json!({
+                    "first_start_rss_mb": d.first_start_mb, "restart_rss_mb": d.restart_mb,
+                })),
+            })),
         })
     }
 
@@ -200,7 +222,15 @@ impl Report {
             );
         }
         if let Some(i) = self.idle {
-            out += &format!("RSS with {} handlers loaded and idle: {:.1} MiB\n", i.handlers, i.rss_mb);
+            out += &format!("RSS with {} handlers loaded and idle: {:.1} MiB", i.handlers, i.rss_mb);
+            if let Some(d) = i.distinct {
+                out += &format!(
+                    "; with a distinct component each: {:.1} MiB on a first start, {:.1} MiB on a restart \
+                     (compiled-code cache warm)",
+                    d.first_start_mb, d.restart_mb
+                );
+            }
+            out += "\n";
         }
         out
     }
