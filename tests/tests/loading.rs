@@ -180,15 +180,25 @@ async fn a_restart_with_a_warm_cache_skips_compilation() {
     assert_eq!(text(&request(&client(&server).await, "cached", "compiled").await), "compiled");
     running.shutdown().await;
 
+    // Loading an entry marks it used, so a full cache evicts it last.
+    let entries = || std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for entry in entries() {
+        std::fs::File::options().write(true).open(entry).unwrap().set_modified(an_hour_ago).unwrap();
+    }
     let warm = build().await;
     assert_eq!(outcome(&warm), natsfn::engine::CacheOutcome::Hit, "the second start loads compiled code");
+    for entry in entries() {
+        let used = std::fs::metadata(&entry).unwrap().modified().unwrap();
+        assert!(used > an_hour_ago + Duration::from_secs(3000), "{} not marked used", entry.display());
+    }
     let running = warm.start().await.unwrap();
     assert_eq!(text(&request(&client(&server).await, "cached", "from cache").await), "from cache");
     running.shutdown().await;
 
     // A damaged entry is ignored and replaced, never trusted.
-    for entry in std::fs::read_dir(cache.path()).unwrap() {
-        std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+    for entry in entries() {
+        std::fs::write(entry, b"garbage").unwrap();
     }
     assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Miss);
     assert_eq!(outcome(&build().await), natsfn::engine::CacheOutcome::Hit);
