@@ -68,8 +68,9 @@ impl CodeCache {
         // SAFETY: the file is in natsfn's own cache directory, was written by
         // `store` below from `Component::serialize` of an engine with the
         // same compatibility hash (part of the file name), and is replaced
-        // only by atomic rename. A corrupt entry fails deserialization's
-        // checks and is recompiled.
+        // only by atomic rename and removed only by unlinking (eviction), so
+        // the mapped contents never change under a host. A corrupt entry
+        // fails deserialization's checks and is recompiled.
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(c) => {
                 // Used now: the last entry eviction would take. Failing to
