@@ -420,6 +420,7 @@ async fn load_all(
             }
         }
     }
+    engine.release_compiler_memory();
     Ok((loaded, load_errors))
 }
 

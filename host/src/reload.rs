@@ -188,6 +188,7 @@ impl Reloader {
                 Err(e) => report.errors.push(e),
             }
         }
+        self.dispatcher.engine.release_compiler_memory();
 
         // Handlers whose manifest is gone (and did not just fail to parse).
         let removed: Vec<(HandlerKey, Entry)> = {

@@ -24,7 +24,8 @@ mod stdio;
 pub use cache::CacheOutcome;
 use cache::CodeCache;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use sha2::{Digest, Sha256};
@@ -195,6 +196,9 @@ pub struct Engine {
     cache: Option<CodeCache>,
     loaded: Arc<LoadedCodeMap>,
     fuel: bool,
+    /// Whether anything was compiled since the last
+    /// [`Engine::release_compiler_memory`].
+    compiled: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -252,6 +256,7 @@ impl Engine {
             cache: cache_dir.map(CodeCache::new),
             loaded: Arc::default(),
             fuel,
+            compiled: Arc::default(),
         })
     }
 
@@ -272,7 +277,9 @@ impl Engine {
         let (component, outcome) = match cached {
             Some(component) => (component, CacheOutcome::Hit),
             None => {
-                let mut component = Component::new(&self.inner, wasm).map_err(EngineError::Compile)?;
+                self.compiled.store(true, Ordering::Relaxed);
+                let mut component =
+                    compile_apart(|| Component::new(&self.inner, wasm)).map_err(EngineError::Compile)?;
                 if let Some(cache) = &self.cache {
                     component = cache.store(&self.inner, &digest, component);
                 }
@@ -286,6 +293,26 @@ impl Engine {
         loaded.retain(|_, weak| weak.strong_count() > 0);
         loaded.insert(digest.clone(), Arc::downgrade(&code));
         Ok((Compiled { pre, digest, _code: code }, outcome))
+    }
+
+    /// Gives the memory compiling freed back to the kernel, if anything was
+    /// compiled since the last call. Cranelift allocates and frees
+    /// megabytes per component, which glibc's malloc keeps for reuse: ~3 MB
+    /// of RSS with 100 distinct components loaded (BENCHMARKS.md, "Distinct
+    /// components idle"). Call it after a batch of [`Engine::compile`]s (a
+    /// start, a reload), not after each: the next compilation would fault
+    /// the pages back in, which made loading 100 components up to a second
+    /// slower.
+    pub(crate) fn release_compiler_memory(&self) {
+        if !self.compiled.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel,
+        // and may be called from any thread at any time.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     /// The code already loaded for `digest`, if a handler still uses it.
@@ -375,6 +402,38 @@ impl Engine {
     }
 }
 
+/// Runs `compile` with Cranelift's parallel work on threads of its own,
+/// which end with it. On wasmtime's shared thread pool the compiler threads
+/// would live on, and glibc's malloc would keep what they freed in their
+/// caches, out of [`Engine::release_compiler_memory`]'s reach (BENCHMARKS.md,
+/// "Distinct components idle"). Starting two threads costs microseconds;
+/// compiling takes milliseconds.
+fn compile_apart<T: Send>(compile: impl FnOnce() -> T + Send) -> T {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let spawned = threads.clone();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("natsfn-compile-{i}"))
+        .spawn_handler(move |thread| {
+            let name = thread.name().unwrap_or("natsfn-compile").to_owned();
+            let handle = std::thread::Builder::new().name(name).spawn(|| thread.run())?;
+            spawned.lock().unwrap_or_else(PoisonError::into_inner).push(handle);
+            Ok(())
+        })
+        .build();
+    let Ok(pool) = pool else {
+        // No threads to be had: the shared pool, as wasmtime does by default.
+        return compile();
+    };
+    let compiled = pool.install(compile);
+    drop(pool);
+    // Joined, the threads have run their exit, which hands their malloc
+    // caches back to the arenas a release can trim.
+    for handle in std::mem::take(&mut *threads.lock().unwrap_or_else(PoisonError::into_inner)) {
+        let _ = handle.join();
+    }
+    compiled
+}
+
 /// Advances `engine`'s epoch every tick until the engine is dropped. One
 /// thread per engine, however many invocations run.
 fn spawn_epoch_ticker(engine: &wasmtime::Engine) -> std::io::Result<()> {
@@ -387,4 +446,19 @@ fn spawn_epoch_ticker(engine: &wasmtime::Engine) -> std::io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiling_apart_runs_on_a_thread_that_ends_with_it() {
+        // SAFETY: gettid has no preconditions.
+        let (pooled, tid) = compile_apart(|| (rayon::current_thread_index().is_some(), unsafe { libc::gettid() }));
+        assert!(pooled, "the work runs in the compile pool, where wasmtime's parallel work follows it");
+        assert_ne!(tid, unsafe { libc::gettid() }, "not on the caller's thread");
+        let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+        assert!(!task.exists(), "the compile thread outlived the compilation");
+    }
 }
