@@ -406,16 +406,16 @@ impl Engine {
 /// which end with it. On wasmtime's shared thread pool the compiler threads
 /// would live on, and glibc's malloc would keep what they freed in their
 /// caches, out of [`Engine::release_compiler_memory`]'s reach (BENCHMARKS.md,
-/// "Distinct components idle"). Starting two threads costs microseconds;
-/// compiling takes milliseconds.
+/// "Distinct components idle"). Starting its threads (one per core) costs
+/// well under a millisecond; compiling a component takes tens.
 fn compile_apart<T: Send>(compile: impl FnOnce() -> T + Send) -> T {
     let threads = Arc::new(Mutex::new(Vec::new()));
     let spawned = threads.clone();
     let pool = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("natsfn-compile-{i}"))
-        .spawn_handler(move |thread| {
-            let name = thread.name().unwrap_or("natsfn-compile").to_owned();
-            let handle = std::thread::Builder::new().name(name).spawn(|| thread.run())?;
+        .spawn_handler(move |worker| {
+            let name = worker.name().unwrap_or("natsfn-compile").to_owned();
+            let handle = thread::Builder::new().name(name).spawn(|| worker.run())?;
             spawned.lock().unwrap_or_else(PoisonError::into_inner).push(handle);
             Ok(())
         })
@@ -452,12 +452,17 @@ fn spawn_epoch_ticker(engine: &wasmtime::Engine) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The calling thread's kernel id.
+    fn tid() -> libc::pid_t {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        unsafe { libc::gettid() }
+    }
+
     #[test]
     fn compiling_apart_runs_on_a_thread_that_ends_with_it() {
-        // SAFETY: gettid has no preconditions.
-        let (pooled, tid) = compile_apart(|| (rayon::current_thread_index().is_some(), unsafe { libc::gettid() }));
+        let (pooled, tid) = compile_apart(|| (rayon::current_thread_index().is_some(), tid()));
         assert!(pooled, "the work runs in the compile pool, where wasmtime's parallel work follows it");
-        assert_ne!(tid, unsafe { libc::gettid() }, "not on the caller's thread");
+        assert_ne!(tid, self::tid(), "not on the caller's thread");
         let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
         assert!(!task.exists(), "the compile thread outlived the compilation");
     }
