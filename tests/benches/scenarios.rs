@@ -97,8 +97,8 @@ enum IdleComponents {
 /// held idle handlers would never have had. The distinct components are
 /// loaded twice with one cache: a first start, then a restart.
 fn idle_memory() -> bench::IdleMemory {
-    let cache = tempfile::tempdir().expect("a compiled-code cache folder");
-    let cache = cache.path().to_str().expect("a UTF-8 temp path");
+    let cache_dir = tempfile::tempdir().expect("a compiled-code cache folder");
+    let cache = cache_dir.path().to_str().expect("a UTF-8 temp path");
     bench::IdleMemory {
         handlers: IDLE_HANDLERS,
         rss_mb: idle_rss_in_child(&["same"]),
@@ -109,6 +109,7 @@ fn idle_memory() -> bench::IdleMemory {
     }
 }
 
+/// [`idle_rss`] in a child process given `args` after [`IDLE_CHILD`].
 fn idle_rss_in_child(args: &[&str]) -> f64 {
     let exe = std::env::current_exe().expect("this benchmark's path");
     let out = std::process::Command::new(exe).arg(IDLE_CHILD).args(args).output().expect("run the idle-memory child");
