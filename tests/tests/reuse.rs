@@ -119,6 +119,31 @@ async fn a_reload_retires_the_old_instances() {
     assert!(host.shutdown().await.clean);
 }
 
+/// Idle instances keep the host's instance permits they ran with, and a
+/// message runs on an idle one by taking those permits over. With every
+/// permit held by an idle instance, a message that asked the pool for a
+/// permit of its own would wait forever; and however many rounds, no more
+/// instances run at once than the pool holds.
+#[tokio::test]
+async fn idle_instances_holding_the_whole_pool_serve_the_next_messages() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let manifest = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.pool\"\n[limits]\nmax_concurrency = 8";
+    dir.add("slow", "slow", "slow", manifest);
+    let host = start_host_with(&server, &dir, |b| b.max_instances(2)).await;
+    let client = client(&server).await;
+    for round in 1..=3u64 {
+        let requests = (0..6).map(|_| client.send_request("reuse.pool", sleeping(100, "x", Duration::from_secs(10))));
+        for reply in futures::future::join_all(requests).await {
+            assert_eq!(&reply.expect("answered").payload[..], b"x", "round {round}");
+        }
+        let stats = host.handler_stats("slow").unwrap();
+        assert_eq!((stats.ok, stats.in_flight), (6 * round, 0), "round {round}: {stats:?}");
+    }
+    assert_eq!(host.handler_stats("slow").unwrap().peak_in_flight, 2, "the pool holds two instances");
+    assert!(host.shutdown().await.clean);
+}
+
 /// A reuse-mode invocation starts on its trigger's task when the lanes are
 /// idle (it usually finishes there); one that waits must move on and leave
 /// the trigger free to read the next message.

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::BenchError;
-use crate::bindings::Message;
 use crate::dispatch::pool::{InstancePool, InstanceSlot, Instances, Lease, Standby};
 use crate::dispatch::Stats;
 use crate::engine::Engine;
@@ -20,6 +19,7 @@ use crate::hostcalls::Invocation;
 use crate::manifest::{Manifest, TenantId};
 use crate::tenant::config::TenantLimits;
 use crate::tenant::Tenant;
+use crate::wire::Received;
 
 /// Mean wall time per message, fresh and reused.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,14 +59,15 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
     );
     let tenant = Arc::new(Tenant::on_connection(TenantId::default(), nats, TenantLimits::default()));
     let stats = Arc::new(Stats::default());
-    let msg = Message {
+    let msg = Received::core(async_nats::Message {
         subject: "cost".into(),
         reply: None,
-        headers: Vec::new(),
-        payload: vec![b'x'; 128],
-        jetstream: None,
-        kv: None,
-    };
+        payload: vec![b'x'; 128].into(),
+        headers: None,
+        status: None,
+        description: None,
+        length: 128,
+    });
     let calls = || Invocation {
         manifest: manifest.clone(),
         tenant: tenant.clone(),
@@ -88,12 +89,12 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
             // The first rounds warm the allocator's slots and the caches.
             for round in 0..iterations + iterations / 10 {
                 let t0 = Instant::now();
-                let mut lease = Lease::checkout(engine, &instances, calls());
+                let mut lease = Lease::checkout(engine, &instances, calls(), None);
                 let t1 = Instant::now();
                 let made = lease.instantiate(&compiled.pre).await;
                 let t2 = Instant::now();
                 let result = match made {
-                    Ok(()) => lease.call(&compiled.pre, msg).await,
+                    Ok(()) => lease.call(&compiled.pre, msg.view()).await,
                     Err(e) => Err(e),
                 };
                 let t3 = Instant::now();

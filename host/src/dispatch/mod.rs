@@ -316,39 +316,34 @@ pub(crate) async fn invoke(
     let manifest = &handler.manifest;
     let deadline = Instant::now() + manifest.limits.timeout;
 
-    let (wit_msg, reply_to, jetstream, trigger) = match delivery {
-        Delivery::Core(msg) => {
-            let reply_to = msg.reply.clone();
-            (wire::message_to_wit(msg), reply_to, None, None)
-        }
+    let (received, jetstream, trigger) = match delivery {
+        Delivery::Core(msg) => (wire::Received::core(msg), None, None),
         Delivery::JetStream(received, trigger) => {
             let JetStreamDelivery { msg, meta } = *received;
             // Unparseable delivery data counts as a first delivery.
             let delivered = meta.as_ref().map_or(1, |m| m.delivered);
-            // The message's reply subject is its ack subject: not the
-            // guest's to publish to.
-            let wit_msg = wire::jetstream_to_wit(&msg, meta, trigger.kv.as_ref());
+            let received = wire::Received::jetstream(&msg, meta, trigger.kv.as_ref());
             let ack = JetStreamAck { msg, decision: Decision::Undecided, delivered };
-            (wit_msg, None, Some(ack), Some(trigger))
+            (received, Some(ack), Some(trigger))
         }
     };
     let calls = handler.calls(deadline, jetstream, trace);
-    let mut lease = pool::Lease::checkout(engine, &handler.instances, calls);
+    let mut lease = pool::Lease::checkout(engine, &handler.instances, calls, admission.claimed.take());
     if lease.was_standby() {
         handler.stats.from_standby.fetch_add(1, Ordering::Relaxed);
     }
 
     // The epoch callback stops guests that compute past the deadline; this
     // timeout stops those that wait past it (in a host call or a sleep).
-    let result = tokio::time::timeout_at(deadline, lease.call(&handler.compiled.pre, &wit_msg)).await;
+    let result = tokio::time::timeout_at(deadline, lease.call(&handler.compiled.pre, received.view())).await;
     let mut replied = false;
     let outcome = match result {
         Err(_elapsed) => Outcome::TimedOut,
         Ok(Err(err)) => classify_trap(&err, lease.store.data().hit_memory_limit()),
         Ok(Ok(Err(handler_error))) => Outcome::Failed(handler_error),
         Ok(Ok(Ok(reply))) => {
-            if let (Some(reply), Some(to)) = (reply, reply_to) {
-                send_reply(nats, manifest, &to, reply).await;
+            if let (Some(reply), Some(to)) = (reply, &received.reply) {
+                send_reply(nats, manifest, to, reply).await;
                 replied = true;
             }
             Outcome::Ok
@@ -370,7 +365,7 @@ pub(crate) async fn invoke(
         span::record_outcome(trace, handler, &outcome);
     }
     if !matches!(outcome, Outcome::Ok) {
-        report(manifest, &wit_msg.subject, &outcome);
+        report(manifest, received.subject.as_str(), &outcome);
     }
     // The connection task, woken by the reply, runs on this thread only
     // once this task yields: let it write the reply before this thread
@@ -523,6 +518,9 @@ pub(crate) struct Admission {
     /// The tenant's and the host's instance permits; taken over by the
     /// instance when it is kept for reuse.
     slot: Option<pool::InstanceSlot>,
+    /// In reuse mode, the idle instance the message runs on, when one was
+    /// waiting: `slot` is the permits it held.
+    claimed: Option<pool::Claimed>,
 }
 
 impl Dispatcher {
@@ -542,15 +540,41 @@ impl Dispatcher {
     /// The tenant's permit comes before the host's: a tenant at its limit
     /// waits on its own semaphore, and the host pool (sized to fit every
     /// tenant's share) is never what one tenant's load fills.
+    ///
+    /// In reuse mode an idle instance of the handler, when there is one,
+    /// serves instead, with the permits it holds: idle instances keep their
+    /// permits, so once the handler has run as many instances as its tenant
+    /// or the host allows, its next messages can only run on those. That
+    /// is also why a message waiting for permits stops waiting as soon as
+    /// one of the handler's instances goes idle.
     pub(crate) async fn admit_reserved(
         &self,
         handler: &LoadedHandler,
         handler_permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Admission {
+        let Some(idle) = handler.instances.pool() else {
+            let slot = self.instance_slot(handler).await;
+            return Admission { _handler: handler_permit, slot: Some(slot), claimed: None };
+        };
+        loop {
+            if let Some((claimed, slot)) = idle.admit() {
+                return Admission { _handler: handler_permit, slot: Some(slot), claimed: Some(claimed) };
+            }
+            tokio::select! {
+                slot = self.instance_slot(handler) => {
+                    return Admission { _handler: handler_permit, slot: Some(slot), claimed: None };
+                }
+                () = idle.returned() => {}
+            }
+        }
+    }
+
+    /// Waits for the permits of one more live instance of `handler`.
+    async fn instance_slot(&self, handler: &LoadedHandler) -> pool::InstanceSlot {
         let tenant = handler.tenant.admit().await;
         #[allow(clippy::expect_used)]
-        let instance = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
-        Admission { _handler: handler_permit, slot: Some(pool::InstanceSlot { _tenant: tenant, _host: instance }) }
+        let host = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
+        pool::InstanceSlot { _tenant: tenant, _host: host }
     }
 
     /// Flushes every tenant's connection and waits until the server has

@@ -32,8 +32,11 @@
 //!   running plus idle instances never exceed the tenant's share or the
 //!   engine's instance pool (idle instances do hold those permits until a
 //!   reload or shutdown: reuse is for a few hot handlers, not for all of
-//!   them). A pool never holds more idle instances than the handler ever
-//!   ran at once, so `max_concurrency` still bounds its live instances.
+//!   them). A message of the handler is admitted onto an idle instance
+//!   when one is waiting, taking its permits over, so a handler whose idle
+//!   instances hold every permit it may have still runs. A pool never
+//!   holds more idle instances than the handler ever ran at once, so
+//!   `max_concurrency` still bounds its live instances.
 //!
 //! Kept apart from dispatch so that how an instance is obtained and returned
 //! is one small module.
@@ -43,9 +46,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 
-use crate::bindings::{Handler, HandlerError, HandlerPre, Message, Reply};
-use crate::engine::{Engine, StoreData};
+use crate::engine::{Engine, Guest, GuestPre, HandleResult, StoreData};
 use crate::hostcalls::Invocation;
+use crate::wire::MessageView;
 
 /// Where one handler version's instances come from.
 pub(crate) enum Instances {
@@ -66,7 +69,7 @@ impl Instances {
     }
 
     /// The reuse pool, when instances are reused.
-    fn pool(&self) -> Option<&InstancePool> {
+    pub(crate) fn pool(&self) -> Option<&InstancePool> {
         match self {
             Instances::Reuse(pool) => Some(pool),
             Instances::Fresh(_) => None,
@@ -95,7 +98,7 @@ enum StandbyState {
 /// A fresh instance nothing has run in yet.
 struct Ready {
     store: Store<StoreData>,
-    instance: Handler,
+    instance: Guest,
     /// One of the host's standby permits, given back when a message claims
     /// the instance (its admission permits count it from then on).
     _permit: OwnedSemaphorePermit,
@@ -130,7 +133,7 @@ impl Standby {
     pub(crate) async fn refill(
         &self,
         engine: &Engine,
-        pre: &HandlerPre<StoreData>,
+        pre: &GuestPre,
         permits: &Arc<Semaphore>,
         calls: impl FnOnce() -> Option<Invocation>,
     ) {
@@ -176,12 +179,22 @@ pub(crate) struct InstancePool {
     /// `None` once retired. Last in, first out: the most recently used
     /// instance has the warmest caches.
     idle: Mutex<Option<Vec<Idle>>>,
+    /// Signalled whenever an instance goes idle, for a message waiting to be
+    /// admitted ([`InstancePool::returned`]).
+    returned: tokio::sync::Notify,
 }
 
 struct Idle {
     store: Store<StoreData>,
-    instance: Handler,
+    instance: Guest,
     _slot: InstanceSlot,
+}
+
+/// An idle instance claimed for a message at its admission
+/// ([`InstancePool::admit`]), for [`Lease::checkout`].
+pub(crate) struct Claimed {
+    store: Store<StoreData>,
+    instance: Guest,
 }
 
 /// The permits that count one live instance: its tenant's (when the tenant
@@ -194,17 +207,36 @@ pub(crate) struct InstanceSlot {
 impl InstancePool {
     /// A pool that accepts instances.
     pub(crate) fn new() -> Self {
-        InstancePool { idle: Mutex::new(Some(Vec::new())) }
+        InstancePool { idle: Mutex::new(Some(Vec::new())), returned: tokio::sync::Notify::new() }
     }
 
     fn take(&self) -> Option<Idle> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner).as_mut()?.pop()
     }
 
+    /// An idle instance for a message being admitted, with the permits it
+    /// held, which then count the message: admitted that way, a message
+    /// in reuse mode neither acquires instance permits of its own (the
+    /// host's, and its tenant's when the tenant limits instances) nor gives
+    /// the idle instance's back, and each release takes its semaphore's
+    /// lock.
+    pub(crate) fn admit(&self) -> Option<(Claimed, InstanceSlot)> {
+        let Idle { store, instance, _slot } = self.take()?;
+        Some((Claimed { store, instance }, _slot))
+    }
+
     fn put(&self, idle: Idle) {
         if let Some(v) = self.idle.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
             v.push(idle);
         }
+        self.returned.notify_one();
+    }
+
+    /// Completes once an instance may have gone idle since the last call
+    /// ([`InstancePool::admit`] tells): a wake-up given while nobody waits is
+    /// kept for the next call, so none is lost between looking and waiting.
+    pub(crate) async fn returned(&self) {
+        self.returned.notified().await;
     }
 
     /// Drops the idle instances and refuses any returned later.
@@ -218,26 +250,34 @@ impl InstancePool {
 pub(crate) struct Lease {
     pub(crate) store: Store<StoreData>,
     /// `None` until instantiated, and while the call is running.
-    instance: Option<Handler>,
+    instance: Option<Guest>,
     /// Whether the instance was waiting on standby.
     standby: bool,
 }
 
 impl Lease {
-    /// An instance of `instances` set up for `calls`: an idle one in reuse
-    /// mode, the standby one in fresh mode, or else a fresh store
-    /// (instantiated on first [`Lease::call`]). In every case the
-    /// invocation's own admission permits count the instance while it runs;
-    /// an idle instance's permits and a standby permit go back.
-    pub(crate) fn checkout(engine: &Engine, instances: &Instances, calls: Invocation) -> Lease {
+    /// An instance of `instances` set up for `calls`: in reuse mode the one
+    /// `claimed` at admission or else an idle one, the standby one in fresh
+    /// mode, or else a fresh store (instantiated on first [`Lease::call`]).
+    /// In every case the invocation's own admission permits count the
+    /// instance while it runs; an idle instance's permits (unless the
+    /// admission took them over) and a standby permit go back.
+    pub(crate) fn checkout(
+        engine: &Engine,
+        instances: &Instances,
+        calls: Invocation,
+        claimed: Option<Claimed>,
+    ) -> Lease {
         let calls = match instances {
-            Instances::Reuse(pool) => match pool.take() {
-                Some(Idle { mut store, instance, _slot }) => {
-                    engine.renew(&mut store, calls);
-                    return Lease { store, instance: Some(instance), standby: false };
+            Instances::Reuse(pool) => {
+                match claimed.or_else(|| pool.take().map(|Idle { store, instance, .. }| Claimed { store, instance })) {
+                    Some(Claimed { mut store, instance }) => {
+                        engine.renew(&mut store, calls);
+                        return Lease { store, instance: Some(instance), standby: false };
+                    }
+                    None => calls,
                 }
-                None => calls,
-            },
+            }
             Instances::Fresh(standby) => match standby.take() {
                 Some(Ready { mut store, instance, _permit }) => {
                     // When the tenant's memory budget is spent, a fresh
@@ -262,7 +302,7 @@ impl Lease {
 
     /// Instantiates now if there is no instance yet (otherwise
     /// [`Lease::call`] does), so a caller can time the two apart.
-    pub(crate) async fn instantiate(&mut self, pre: &HandlerPre<StoreData>) -> wasmtime::Result<()> {
+    pub(crate) async fn instantiate(&mut self, pre: &GuestPre) -> wasmtime::Result<()> {
         if self.instance.is_none() {
             self.instance = Some(new_instance(&mut self.store, pre).await?);
         }
@@ -270,16 +310,12 @@ impl Lease {
     }
 
     /// Instantiates if needed, then calls `handle`.
-    pub(crate) async fn call(
-        &mut self,
-        pre: &HandlerPre<StoreData>,
-        msg: &Message,
-    ) -> wasmtime::Result<Result<Option<Reply>, HandlerError>> {
+    pub(crate) async fn call(&mut self, pre: &GuestPre, msg: MessageView<'_>) -> wasmtime::Result<HandleResult> {
         let instance = match self.instance.take() {
             Some(i) => i,
             None => new_instance(&mut self.store, pre).await?,
         };
-        let result = instance.call_handle(&mut self.store, msg).await;
+        let result = instance.handle(&mut self.store, msg).await;
         // Put back only after the call returned: a call cut off mid-way
         // leaves `None`, so the lease cannot be reused.
         self.instance = Some(instance);
@@ -302,6 +338,6 @@ impl Lease {
 /// times the size of the call's, and every message would otherwise copy
 /// that much around in the invocation's state, used or not (it is not, in
 /// reuse mode or with a standby instance). Standby refills share it.
-async fn new_instance(store: &mut Store<StoreData>, pre: &HandlerPre<StoreData>) -> wasmtime::Result<Handler> {
-    Box::pin(pre.instantiate_async(store)).await
+async fn new_instance(store: &mut Store<StoreData>, pre: &GuestPre) -> wasmtime::Result<Guest> {
+    Box::pin(pre.instantiate(store)).await
 }

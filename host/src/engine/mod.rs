@@ -19,10 +19,12 @@
 //!   or not, so those are linked, but they reach nothing.
 
 mod cache;
+mod guest;
 mod stdio;
 
 pub use cache::CacheOutcome;
 use cache::CodeCache;
+pub(crate) use guest::{Guest, GuestPre, HandleResult};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -36,7 +38,6 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::HandlerPre;
 use crate::hostcalls::{self, Invocation};
 use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB, STANDBY_INSTANCES};
 use crate::tenant::MemoryBudget;
@@ -65,7 +66,7 @@ pub enum EngineError {
 /// A compiled, linked handler component, ready to instantiate many times.
 #[derive(Clone)]
 pub struct Compiled {
-    pub(crate) pre: HandlerPre<StoreData>,
+    pub(crate) pre: GuestPre,
     /// Hex SHA-256 of the component bytes: the handler's version.
     pub digest: String,
     /// Keeps the shared code registered while any handler uses it.
@@ -76,7 +77,7 @@ pub struct Compiled {
 /// component has those bytes: a host running the same function for many
 /// tenants holds its machine code once.
 struct LoadedCode {
-    pre: HandlerPre<StoreData>,
+    pre: GuestPre,
 }
 
 /// Loaded code by component digest. Weak, so code no handler uses any more
@@ -287,7 +288,7 @@ impl Engine {
             }
         };
         let instance_pre = self.linker.instantiate_pre(&component).map_err(EngineError::World)?;
-        let pre = HandlerPre::new(instance_pre).map_err(EngineError::World)?;
+        let pre = GuestPre::new(instance_pre).map_err(EngineError::World)?;
         let code = Arc::new(LoadedCode { pre: pre.clone() });
         let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loaded.retain(|_, weak| weak.strong_count() > 0);
