@@ -617,6 +617,7 @@ impl Host {
             abandon: CancellationToken::new(),
             tracer: self.tracer,
             standby_permits: Arc::new(tokio::sync::Semaphore::new(STANDBY_INSTANCES as usize)),
+            idle_pools: Arc::default(),
         };
         // A handler whose trigger cannot be bound (a missing stream, say)
         // is reported and left out; the others serve regardless.

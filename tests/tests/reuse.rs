@@ -144,6 +144,30 @@ async fn idle_instances_holding_the_whole_pool_serve_the_next_messages() {
     assert!(host.shutdown().await.clean);
 }
 
+/// Idle instances give their permits up to a message of another handler
+/// that needs them: a few reuse-mode handlers that once ran at their limits
+/// must not leave the rest of the host waiting for good.
+#[tokio::test]
+async fn idle_instances_give_their_permits_to_other_handlers() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let manifest = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.hog\"\n[limits]\nmax_concurrency = 8";
+    dir.add("slow", "slow", "slow", manifest);
+    dir.add("fresh", "fresh", "echo", "[[trigger]]\nsubject = \"fresh.echo\"");
+    let host = start_host_with(&server, &dir, |b| b.max_instances(2)).await;
+    let client = client(&server).await;
+    let hog = || client.send_request("reuse.hog", sleeping(200, "x", Duration::from_secs(5)));
+    for reply in futures::future::join_all([hog(), hog()]).await {
+        reply.expect("answered");
+    }
+    assert_eq!(host.handler_stats("slow").unwrap().peak_in_flight, 2, "both instances ran, and are idle now");
+    let req = async_nats::Request::new().payload("hi".into()).timeout(Some(Duration::from_secs(5)));
+    let reply = client.send_request("fresh.echo", req).await.expect("the other handler gets a permit");
+    assert_eq!(&reply.payload[..], b"hi");
+    hog().await.expect("the reuse handler still serves");
+    assert!(host.shutdown().await.clean);
+}
+
 /// A reuse-mode invocation starts on its trigger's task when the lanes are
 /// idle (it usually finishes there); one that waits must move on and leave
 /// the trigger free to read the next message.

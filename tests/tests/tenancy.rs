@@ -346,6 +346,36 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
 /// tenant's memory budget only when a message claims them: idle ones never
 /// take budget from the tenant's running invocations, and a claim the budget
 /// cannot cover is refused like a fresh instantiation would be.
+/// A tenant's idle reuse-mode instances give their permits up to a message
+/// of the tenant's other handlers, which would otherwise wait for good once
+/// the reuse handler had run as many instances as the tenant may.
+#[tokio::test]
+async fn a_tenants_idle_instances_give_their_permits_to_its_other_handlers() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let reuse = "instance = \"reuse\"\n[[trigger]]\nsubject = \"t.hog\"\n[limits]\nmax_concurrency = 8";
+    handler(&dir, "hog", "t", "slow", reuse);
+    handler(&dir, "other", "t", "echo", "[[trigger]]\nsubject = \"t.echo\"");
+    let cfg = config(&dir, "[tenants.t.limits]\nmax_instances = 2\n");
+    let host = Host::builder().nats_url(server.url()).config(cfg).handlers_dir(dir.path()).build().await.unwrap();
+    assert!(host.load_errors().is_empty(), "{:?}", host.load_errors());
+    let host = host.start().await.unwrap();
+    let client = client(&server).await;
+    let hog = || {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("delay-ms", "200");
+        let req = async_nats::Request::new().headers(headers).payload("x".into()).timeout(Some(Duration::from_secs(5)));
+        client.send_request("t.hog", req)
+    };
+    for reply in futures::future::join_all([hog(), hog()]).await {
+        reply.expect("answered");
+    }
+    assert_eq!(host.handler_stats("hog").unwrap().peak_in_flight, 2, "both instances ran, and are idle now");
+    assert_eq!(text(&request(&client, "t.echo", "hi").await), "hi", "the other handler gets the tenant's permit");
+    hog().await.expect("the reuse handler still serves");
+    assert!(host.shutdown().await.clean);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_instances_hold_no_tenant_memory_until_a_message_claims_one() {
     let server = nats();

@@ -510,6 +510,8 @@ pub(crate) struct Dispatcher {
     pub(crate) tracer: Option<Tracer>,
     /// One permit per standby instance ([`crate::limits::STANDBY_INSTANCES`]).
     pub(crate) standby_permits: Arc<tokio::sync::Semaphore>,
+    /// The reuse-mode pools whose idle instances may give their permits up.
+    pub(crate) idle_pools: Arc<pool::IdlePools>,
 }
 
 /// The permits an admitted message holds until its invocation ends.
@@ -569,9 +571,18 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for the permits of one more live instance of `handler`.
+    /// Waits for the permits of one more live instance of `handler`. When
+    /// none is free, an idle instance gives its permits up first (the
+    /// tenant's own for the tenant's limit, anyone's for the host's): see
+    /// [`pool::IdlePools`].
     async fn instance_slot(&self, handler: &LoadedHandler) -> pool::InstanceSlot {
+        if !handler.tenant.has_instance_free() {
+            self.idle_pools.evict_one(Some(&handler.tenant));
+        }
         let tenant = handler.tenant.admit().await;
+        if self.instance_permits.available_permits() == 0 {
+            self.idle_pools.evict_one(None);
+        }
         #[allow(clippy::expect_used)]
         let host = self.instance_permits.clone().acquire_owned().await.expect("instance semaphore is never closed");
         pool::InstanceSlot { _tenant: tenant, _host: host }
@@ -706,6 +717,7 @@ impl Dispatcher {
                 trace.end();
             }
             drop(admission);
+            this.idle_pools.list(&handler);
             // The next message of this handler will find its instance made.
             // Still a tracked task, so shutdown does not drop the engine
             // from under it.

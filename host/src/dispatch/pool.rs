@@ -30,24 +30,27 @@
 //! - an idle instance keeps the tenant's and the host's instance permits of
 //!   the invocation that returned it (and its tenant memory reservation), so
 //!   running plus idle instances never exceed the tenant's share or the
-//!   engine's instance pool (idle instances do hold those permits until a
-//!   reload or shutdown: reuse is for a few hot handlers, not for all of
-//!   them). A message of the handler is admitted onto an idle instance
-//!   when one is waiting, taking its permits over, so a handler whose idle
-//!   instances hold every permit it may have still runs. A pool never
-//!   holds more idle instances than the handler ever ran at once, so
+//!   engine's instance pool. A message of the handler is admitted onto an
+//!   idle instance when one is waiting, taking its permits over, so a
+//!   handler whose idle instances hold every permit it may have still
+//!   runs; and a message of another handler that finds no permit free has
+//!   an idle instance dropped for it ([`IdlePools`]). A pool never holds
+//!   more idle instances than the handler ever ran at once, so
 //!   `max_concurrency` still bounds its live instances.
 //!
 //! Kept apart from dispatch so that how an instance is obtained and returned
 //! is one small module.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 
+use super::LoadedHandler;
 use crate::engine::{Engine, Guest, GuestPre, HandleResult, StoreData};
 use crate::hostcalls::Invocation;
+use crate::tenant::Tenant;
 use crate::wire::MessageView;
 
 /// Where one handler version's instances come from.
@@ -182,12 +185,52 @@ pub(crate) struct InstancePool {
     /// Signalled whenever an instance goes idle, for a message waiting to be
     /// admitted ([`InstancePool::returned`]).
     returned: tokio::sync::Notify,
+    /// Whether the handler version is in the host's [`IdlePools`].
+    listed: AtomicBool,
 }
 
 struct Idle {
     store: Store<StoreData>,
     instance: Guest,
     _slot: InstanceSlot,
+}
+
+/// The handler versions whose reuse pools may hold idle instances, host-wide:
+/// where a message waiting for instance permits finds an idle instance to
+/// give up its own. Idle instances keep their permits, and without this a
+/// few reuse-mode handlers that had once run at their limits would leave
+/// every other handler of their tenant, or of the host, waiting for good.
+/// Running a message comes before keeping an instance warm.
+#[derive(Default)]
+pub(crate) struct IdlePools {
+    handlers: Mutex<Vec<Weak<LoadedHandler>>>,
+}
+
+impl IdlePools {
+    /// Lists `handler`'s pool, once, when its first invocation has ended.
+    pub(crate) fn list(&self, handler: &Arc<LoadedHandler>) {
+        let Instances::Reuse(pool) = &handler.instances else { return };
+        if pool.listed.load(Ordering::Relaxed) || pool.listed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut handlers = self.handlers.lock().unwrap_or_else(PoisonError::into_inner);
+        handlers.retain(|h| h.strong_count() > 0);
+        handlers.push(Arc::downgrade(handler));
+    }
+
+    /// Drops one idle instance, the longest idle of the first listed pool
+    /// that has one (of `tenant`'s handlers only, when given), so that its
+    /// permits go to a message waiting for them. Returns whether there was
+    /// one.
+    pub(crate) fn evict_one(&self, tenant: Option<&Arc<Tenant>>) -> bool {
+        let handlers: Vec<Arc<LoadedHandler>> =
+            self.handlers.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+        handlers
+            .iter()
+            .filter(|h| tenant.is_none_or(|t| Arc::ptr_eq(t, &h.tenant)))
+            .filter_map(|h| h.instances.pool())
+            .any(InstancePool::evict_oldest)
+    }
 }
 
 /// An idle instance claimed for a message at its admission
@@ -207,7 +250,11 @@ pub(crate) struct InstanceSlot {
 impl InstancePool {
     /// A pool that accepts instances.
     pub(crate) fn new() -> Self {
-        InstancePool { idle: Mutex::new(Some(Vec::new())), returned: tokio::sync::Notify::new() }
+        InstancePool {
+            idle: Mutex::new(Some(Vec::new())),
+            returned: tokio::sync::Notify::new(),
+            listed: AtomicBool::new(false),
+        }
     }
 
     fn take(&self) -> Option<Idle> {
@@ -237,6 +284,21 @@ impl InstancePool {
     /// kept for the next call, so none is lost between looking and waiting.
     pub(crate) async fn returned(&self) {
         self.returned.notified().await;
+    }
+
+    /// Drops this pool's longest-idle instance, if it has one, giving its
+    /// permits back. Returns whether it had one.
+    pub(crate) fn evict_oldest(&self) -> bool {
+        let evicted = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            match idle.as_mut() {
+                Some(v) if !v.is_empty() => Some(v.remove(0)),
+                _ => None,
+            }
+        };
+        // Dropped once the lock is released: dropping an instance takes
+        // microseconds, and the handler's invocations take this lock.
+        evicted.is_some()
     }
 
     /// Drops the idle instances and refuses any returned later.

@@ -236,6 +236,12 @@ impl Tenant {
         sem.clone().acquire_owned().await.ok()
     }
 
+    /// Whether one of the tenant's instance permits is free, or it has no
+    /// instance limit: then [`Tenant::admit`] does not wait.
+    pub(crate) fn has_instance_free(&self) -> bool {
+        self.instances.as_ref().is_none_or(|sem| sem.available_permits() > 0)
+    }
+
     /// Brings a handler's limits within the tenant's: memory, concurrency
     /// and timeout are lowered to the tenant's ceilings, and the tenant's
     /// fuel applies when the handler sets none. Returns what was lowered, as
