@@ -43,6 +43,23 @@ async fn reused_slow(subject: &str, max_concurrency: u32, timeout_ms: u64) -> Sl
     Slow { _server: server, _dir: dir, host, client }
 }
 
+/// A host whose instance pool holds two instances, serving the `slow` guest
+/// in reuse mode on `subject` with room for eight invocations at once (so it
+/// can want more instances than the pool has), and `other` (name, guest,
+/// manifest) beside it.
+async fn slow_in_a_pool_of_two(subject: &str, other: Option<(&str, &str, &str)>) -> Slow {
+    let server = nats();
+    let dir = HandlerDir::new();
+    let manifest = format!("instance = \"reuse\"\n[[trigger]]\nsubject = \"{subject}\"\n[limits]\nmax_concurrency = 8");
+    dir.add("slow", "slow", "slow", &manifest);
+    if let Some((name, guest, manifest)) = other {
+        dir.add(name, name, guest, manifest);
+    }
+    let host = start_host_with(&server, &dir, |b| b.max_instances(2)).await;
+    let client = client(&server).await;
+    Slow { _server: server, _dir: dir, host, client }
+}
+
 /// One instance at a time, so consecutive messages see the same one.
 const REUSE_ECHO: &str = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.echo\"\n[limits]\nmax_concurrency = 1";
 
@@ -126,12 +143,7 @@ async fn a_reload_retires_the_old_instances() {
 /// instances run at once than the pool holds.
 #[tokio::test]
 async fn idle_instances_holding_the_whole_pool_serve_the_next_messages() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    let manifest = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.pool\"\n[limits]\nmax_concurrency = 8";
-    dir.add("slow", "slow", "slow", manifest);
-    let host = start_host_with(&server, &dir, |b| b.max_instances(2)).await;
-    let client = client(&server).await;
+    let Slow { _server, _dir, host, client } = slow_in_a_pool_of_two("reuse.pool", None).await;
     for round in 1..=3u64 {
         let requests = (0..6).map(|_| client.send_request("reuse.pool", sleeping(100, "x", Duration::from_secs(10))));
         for reply in futures::future::join_all(requests).await {
@@ -149,13 +161,8 @@ async fn idle_instances_holding_the_whole_pool_serve_the_next_messages() {
 /// must not leave the rest of the host waiting for good.
 #[tokio::test]
 async fn idle_instances_give_their_permits_to_other_handlers() {
-    let server = nats();
-    let dir = HandlerDir::new();
-    let manifest = "instance = \"reuse\"\n[[trigger]]\nsubject = \"reuse.hog\"\n[limits]\nmax_concurrency = 8";
-    dir.add("slow", "slow", "slow", manifest);
-    dir.add("fresh", "fresh", "echo", "[[trigger]]\nsubject = \"fresh.echo\"");
-    let host = start_host_with(&server, &dir, |b| b.max_instances(2)).await;
-    let client = client(&server).await;
+    let fresh = ("fresh", "echo", "[[trigger]]\nsubject = \"fresh.echo\"");
+    let Slow { _server, _dir, host, client } = slow_in_a_pool_of_two("reuse.hog", Some(fresh)).await;
     let hog = || client.send_request("reuse.hog", sleeping(200, "x", Duration::from_secs(5)));
     for reply in futures::future::join_all([hog(), hog()]).await {
         reply.expect("answered");
