@@ -176,8 +176,8 @@ impl Standby {
     }
 }
 
-/// The idle instances of one handler version in reuse mode.
-#[derive(Default)]
+/// The idle instances of one handler version in reuse mode. No `Default`:
+/// an empty `idle` would be a retired pool; [`InstancePool::new`] makes one.
 pub(crate) struct InstancePool {
     /// `None` once retired. Last in, first out: the most recently used
     /// instance has the warmest caches.
