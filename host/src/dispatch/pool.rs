@@ -204,6 +204,10 @@ struct Idle {
 #[derive(Default)]
 pub(crate) struct IdlePools {
     handlers: Mutex<Vec<Weak<LoadedHandler>>>,
+    /// Whether any pool was ever listed: a host without reuse-mode
+    /// handlers, saturated, skips the look through the list on every
+    /// admission that waits.
+    any: AtomicBool,
 }
 
 impl IdlePools {
@@ -216,6 +220,7 @@ impl IdlePools {
         let mut handlers = self.handlers.lock().unwrap_or_else(PoisonError::into_inner);
         handlers.retain(|h| h.strong_count() > 0);
         handlers.push(Arc::downgrade(handler));
+        self.any.store(true, Ordering::Relaxed);
     }
 
     /// Drops one idle instance, the longest idle of the first listed pool
@@ -223,6 +228,9 @@ impl IdlePools {
     /// permits go to a message waiting for them. Returns whether there was
     /// one.
     pub(crate) fn evict_one(&self, tenant: Option<&Arc<Tenant>>) -> bool {
+        if !self.any.load(Ordering::Relaxed) {
+            return false;
+        }
         let handlers: Vec<Arc<LoadedHandler>> =
             self.handlers.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
         handlers
