@@ -26,6 +26,7 @@ use crate::bindings::HandlerError;
 use crate::dispatch::{Outcome, Stats};
 use crate::hostcalls::{Decision, JetStreamAck};
 use crate::manifest::{JetStreamTrigger, Manifest, OnError};
+use crate::wire::Received;
 
 /// Header names added to a dead-lettered message.
 pub mod headers {
@@ -52,6 +53,7 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Applies `outcome` (and whatever the guest decided) to the message.
 pub(crate) async fn settle(
     js: JetStreamAck,
+    received: &Received,
     trigger: &JetStreamTrigger,
     outcome: &Outcome,
     manifest: &Manifest,
@@ -91,9 +93,9 @@ pub(crate) async fn settle(
         // at-least-once allows. Shutdown flushes the connection, so no ack
         // is left in the client's buffer. Naks and give-ups are rare and
         // stay confirmed: a give-up must know the term happened.
-        Action::Ack => js.msg.ack().await.map(|()| stats.acked()),
-        Action::Nak(delay) => js.msg.double_ack_with(AckKind::Nak(delay)).await.map(|()| stats.naked()),
-        Action::GiveUp(why) => give_up(&js, trigger, manifest, nats, delivered, &why, stats).await,
+        Action::Ack => js.send(nats, AckKind::Ack).await.map(|()| stats.acked()),
+        Action::Nak(delay) => js.confirm(nats, AckKind::Nak(delay)).await.map(|()| stats.naked()),
+        Action::GiveUp(why) => give_up(&js, received, trigger, manifest, nats, &why, stats).await,
     };
     if let Err(e) = sent {
         // The server redelivers after ack_wait: at-least-once still holds.
@@ -128,46 +130,47 @@ fn first_line(s: &str) -> &str {
 /// the dead letter cannot be stored, so nothing is lost.
 async fn give_up(
     js: &JetStreamAck,
+    received: &Received,
     trigger: &JetStreamTrigger,
     manifest: &Manifest,
     nats: &async_nats::Client,
-    delivered: i64,
     why: &str,
     stats: &Stats,
 ) -> Result<(), async_nats::Error> {
-    let info = js.msg.info()?;
-    let (stream, sequence) = (info.stream.to_owned(), info.stream_sequence);
+    let delivered = js.delivered;
+    let (ack, info) = received.delivery().ok_or("the ack subject carries no delivery data")?;
+    let (stream, sequence) = (info.stream(ack), info.stream_sequence);
     let Some(dlq) = &trigger.dead_letter else {
         tracing::error!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence, delivered,
             "message terminated (no dead_letter subject configured): {why}");
-        js.msg.double_ack_with(AckKind::Term).await?;
+        js.confirm(nats, AckKind::Term).await?;
         stats.termed();
         return Ok(());
     };
 
-    let mut headers = js.msg.headers.clone().unwrap_or_default();
+    let mut headers = received.headers.clone().unwrap_or_default();
     // Header values must stay on one line.
     let why_line: String = why.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
-    headers.insert(headers::STREAM, stream.as_str());
+    headers.insert(headers::STREAM, stream);
     headers.insert(headers::SEQUENCE, sequence.to_string().as_str());
     headers.insert(headers::CONSUMER, trigger.durable.as_str());
-    headers.insert(headers::SUBJECT, js.msg.subject.as_str());
+    headers.insert(headers::SUBJECT, received.subject.as_str());
     headers.insert(headers::HANDLER, manifest.name.as_str());
     headers.insert(headers::DELIVERED, delivered.to_string().as_str());
     headers.insert(headers::ERROR, why_line.as_str());
 
-    match dead_letter(nats, dlq.as_str(), headers, js.msg.payload.clone()).await {
+    match dead_letter(nats, dlq.as_str(), headers, received.payload.clone()).await {
         Ok(()) => {
             tracing::warn!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence, delivered,
                 dead_letter = %dlq, "message dead-lettered: {why}");
-            js.msg.double_ack_with(AckKind::Term).await?;
+            js.confirm(nats, AckKind::Term).await?;
             stats.dead_lettered();
             Ok(())
         }
         Err(e) => {
             tracing::error!(handler = %manifest.name, tenant = %manifest.tenant, %stream, sequence,
                 dead_letter = %dlq, "cannot dead-letter message, keeping it in the stream: {e}");
-            js.msg.double_ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await?;
+            js.confirm(nats, AckKind::Nak(Some(DEAD_LETTER_RETRY))).await?;
             stats.naked();
             Ok(())
         }

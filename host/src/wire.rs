@@ -5,12 +5,13 @@
 //! a header map from guest data always goes through the checked
 //! [`headers_from_wit`].
 
+use std::ops::Range;
 use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use wasmtime::component::{ComponentType, Lower};
 
-use crate::bindings::natsfn::host::types::{JetstreamMeta, KvMeta, KvOperation};
+use crate::bindings::natsfn::host::types::{KvMeta, KvOperation};
 use crate::bindings::{Message, WitError};
 use crate::manifest::KvWatch;
 
@@ -45,16 +46,17 @@ pub(crate) fn headers_from_wit(pairs: Vec<(String, String)>) -> Result<Option<He
 }
 
 /// What a handler is called with, taken from a received message: the
-/// client's own buffers (reference-counted, so taking them copies nothing),
-/// and the delivery data of a JetStream or KV-watch message.
+/// client's own buffers, moved out of it (nothing is copied), and the
+/// delivery data of a JetStream or KV-watch message.
 pub(crate) struct Received {
     pub(crate) subject: async_nats::Subject,
-    /// Where a reply goes; never set for JetStream, where it is the ack
-    /// subject and not the guest's to publish to.
+    /// Where a reply goes; never set for JetStream, where the message's
+    /// reply subject is its ack subject and not the guest's to publish to.
     pub(crate) reply: Option<async_nats::Subject>,
-    headers: Option<HeaderMap>,
-    payload: bytes::Bytes,
-    jetstream: Option<JetstreamMeta>,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) payload: bytes::Bytes,
+    /// A JetStream message's ack subject and what it says.
+    jetstream: Option<(async_nats::Subject, Option<DeliveryInfo>)>,
     kv: Option<KvMeta>,
 }
 
@@ -65,21 +67,26 @@ impl Received {
         Received { subject, reply, headers, payload, jetstream: None, kv: None }
     }
 
-    /// A JetStream message with its stream position `jetstream`, and for a
-    /// KV watch the key, revision and operation. The message itself stays
-    /// with its ack; its buffers are shared.
-    pub(crate) fn jetstream(
-        msg: &async_nats::jetstream::Message,
-        jetstream: Option<JetstreamMeta>,
-        watch: Option<&KvWatch>,
-    ) -> Self {
-        Received {
-            subject: msg.subject.clone(),
-            reply: None,
-            headers: msg.headers.clone(),
-            payload: msg.payload.clone(),
-            kv: watch.map(|w| kv_meta(msg, w, jetstream.as_ref())),
-            jetstream,
+    /// A JetStream message with its delivery data `info` (parsed from its
+    /// ack subject), and for a KV watch the key, revision and operation.
+    pub(crate) fn jetstream(msg: async_nats::Message, info: Option<DeliveryInfo>, watch: Option<&KvWatch>) -> Self {
+        let kv = watch.map(|w| kv_meta(&msg, w, info.as_ref()));
+        let async_nats::Message { subject, reply, headers, payload, .. } = msg;
+        let jetstream = reply.map(|ack| (ack, info));
+        Received { subject, reply: None, headers, payload, jetstream, kv }
+    }
+
+    /// A JetStream message's ack subject.
+    pub(crate) fn ack_subject(&self) -> Option<&async_nats::Subject> {
+        self.jetstream.as_ref().map(|(ack, _)| ack)
+    }
+
+    /// A JetStream message's ack subject and the delivery data parsed from
+    /// it, when it could be.
+    pub(crate) fn delivery(&self) -> Option<(&str, &DeliveryInfo)> {
+        match &self.jetstream {
+            Some((ack, Some(info))) => Some((ack.as_str(), info)),
+            _ => None,
         }
     }
 
@@ -90,7 +97,7 @@ impl Received {
             reply: self.reply.as_ref().map(|r| r.as_str()),
             headers: header_pairs(self.headers.as_ref()),
             payload: &self.payload,
-            jetstream: self.jetstream.as_ref(),
+            jetstream: self.delivery().map(|(ack, info)| info.view(ack)),
             kv: self.kv.as_ref(),
         }
     }
@@ -109,8 +116,25 @@ pub(crate) struct MessageView<'a> {
     /// Allocates only when the message has headers.
     headers: Vec<(&'a str, &'a str)>,
     payload: &'a [u8],
-    jetstream: Option<&'a JetstreamMeta>,
+    jetstream: Option<JetstreamMetaView<'a>>,
     kv: Option<&'a KvMeta>,
+}
+
+/// The WIT `jetstream-meta` record, its names borrowed from the ack
+/// subject.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+pub(crate) struct JetstreamMetaView<'a> {
+    stream: &'a str,
+    consumer: &'a str,
+    #[component(name = "stream-sequence")]
+    stream_sequence: u64,
+    #[component(name = "consumer-sequence")]
+    consumer_sequence: u64,
+    delivered: u64,
+    pending: u64,
+    #[component(name = "timestamp-ns")]
+    timestamp_ns: i64,
 }
 
 /// A header map as borrowed `(name, value)` pairs, one per value.
@@ -140,25 +164,82 @@ pub(crate) fn message_to_wit(msg: async_nats::Message) -> Message {
     }
 }
 
-/// The delivery data JetStream encodes in a message's reply subject,
-/// parsed once per delivery: the span, the guest and the settlement all
-/// read it from here.
-pub(crate) fn jetstream_meta(msg: &async_nats::jetstream::Message) -> Option<JetstreamMeta> {
-    msg.info().ok().map(|info| JetstreamMeta {
-        stream: info.stream.to_owned(),
-        consumer: info.consumer.to_owned(),
-        stream_sequence: info.stream_sequence,
-        consumer_sequence: info.consumer_sequence,
-        delivered: info.delivered.max(0) as u64,
-        pending: info.pending,
-        timestamp_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-    })
+/// The delivery data JetStream encodes in a message's ack subject, parsed
+/// once per delivery: the span, the guest and the settlement all read it
+/// from here. The stream and consumer names stay in the ack subject, as
+/// byte ranges of it: a message's names are not copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeliveryInfo {
+    stream: Range<usize>,
+    consumer: Range<usize>,
+    /// How many times the message has been delivered, this time included.
+    pub(crate) delivered: u64,
+    pub(crate) stream_sequence: u64,
+    pub(crate) consumer_sequence: u64,
+    pub(crate) pending: u64,
+    pub(crate) timestamp_ns: i64,
+}
+
+impl DeliveryInfo {
+    /// Parses an ack subject in either form of ADR-15:
+    /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`,
+    /// or with `<domain>.<account hash>.` before the stream and any tokens
+    /// after the pending count. `None` for anything else.
+    pub(crate) fn parse(ack: &str) -> Option<Self> {
+        const PREFIX: &str = "$JS.ACK.";
+        let rest = ack.strip_prefix(PREFIX)?;
+        // Each token with its offset in `ack`; only the first ten matter.
+        let mut tokens = [(0, ""); 10];
+        let mut count = 0;
+        let mut at = PREFIX.len();
+        for token in rest.split('.').take(tokens.len()) {
+            tokens[count] = (at, token);
+            at += token.len() + 1;
+            count += 1;
+        }
+        let first = match count {
+            7 => 0,
+            9.. => 2,
+            _ => return None,
+        };
+        let [stream, consumer, delivered, stream_sequence, consumer_sequence, timestamp, pending] =
+            tokens[first..first + 7].try_into().ok()?;
+        let span = |(at, token): (usize, &str)| at..at + token.len();
+        Some(DeliveryInfo {
+            stream: span(stream),
+            consumer: span(consumer),
+            delivered: delivered.1.parse().ok()?,
+            stream_sequence: stream_sequence.1.parse().ok()?,
+            consumer_sequence: consumer_sequence.1.parse().ok()?,
+            timestamp_ns: timestamp.1.parse().ok()?,
+            pending: pending.1.parse().ok()?,
+        })
+    }
+
+    /// The stream's name, from `ack`, the subject this was parsed from.
+    pub(crate) fn stream<'a>(&self, ack: &'a str) -> &'a str {
+        ack.get(self.stream.clone()).unwrap_or_default()
+    }
+
+    /// The WIT record, with names from `ack`, the subject this was parsed
+    /// from.
+    fn view<'a>(&self, ack: &'a str) -> JetstreamMetaView<'a> {
+        JetstreamMetaView {
+            stream: self.stream(ack),
+            consumer: ack.get(self.consumer.clone()).unwrap_or_default(),
+            stream_sequence: self.stream_sequence,
+            consumer_sequence: self.consumer_sequence,
+            delivered: self.delivered,
+            pending: self.pending,
+            timestamp_ns: self.timestamp_ns,
+        }
+    }
 }
 
 /// Where a KV-watch delivery comes from: the bucket stream stores key `k`
 /// under `$KV.<bucket>.k`, and a delete or purge is a marker message with a
 /// `KV-Operation` header.
-fn kv_meta(msg: &async_nats::jetstream::Message, w: &KvWatch, jetstream: Option<&JetstreamMeta>) -> KvMeta {
+fn kv_meta(msg: &async_nats::Message, w: &KvWatch, jetstream: Option<&DeliveryInfo>) -> KvMeta {
     let prefix_len = "$KV.".len() + w.bucket.as_str().len() + 1;
     let operation = match msg.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str()) {
         Some("DEL") => KvOperation::Delete,
@@ -195,5 +276,38 @@ mod tests {
             assert!(matches!(got, Err(WitError::Invalid(_))), "{name:?}={value:?} gave {got:?}");
         }
         assert!(headers_from_wit(Vec::new()).unwrap().is_none());
+    }
+
+    #[test]
+    fn delivery_info_reads_both_ack_subject_forms() {
+        let short = "$JS.ACK.ORDERS.worker.3.1042.17.1764288000123456789.5";
+        let info = DeliveryInfo::parse(short).unwrap();
+        assert_eq!((info.stream(short), info.view(short).consumer), ("ORDERS", "worker"));
+        assert_eq!(
+            (info.delivered, info.stream_sequence, info.consumer_sequence, info.timestamp_ns, info.pending),
+            (3, 1042, 17, 1_764_288_000_123_456_789, 5)
+        );
+        // With domain and account hash in front, and a token after: the same.
+        for long in [
+            "$JS.ACK.hub.ACCHASH.ORDERS.worker.3.1042.17.1764288000123456789.5",
+            "$JS.ACK._.ACCHASH.ORDERS.worker.3.1042.17.1764288000123456789.5.rand0m.more",
+        ] {
+            let other = DeliveryInfo::parse(long).unwrap();
+            assert_eq!((other.stream(long), other.view(long).consumer), ("ORDERS", "worker"), "{long}");
+            assert_eq!(other.stream_sequence, 1042, "{long}");
+        }
+    }
+
+    #[test]
+    fn delivery_info_refuses_what_is_not_an_ack_subject() {
+        for bad in [
+            "_INBOX.abc",
+            "$JS.ACK.ORDERS.worker.3.1042.17.1764288000123456789",
+            "$JS.ACK.a.b.ORDERS.worker.3.1042.17.1764288000123456789",
+            "$JS.ACK.ORDERS.worker.x.1042.17.1764288000123456789.5",
+            "$JS.ACK.ORDERS.worker.-1.1042.17.1764288000123456789.5",
+        ] {
+            assert_eq!(DeliveryInfo::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -456,11 +456,30 @@ async fn msg_id_makes_a_redelivered_write_idempotent() {
     let server = nats();
     let (js, dir) = worker_setup(&server, &format!("{WORKER}retry_first_delivery = \"true\"\n")).await;
     let host = start_host(&server, &dir).await;
+    let published_from = std::time::SystemTime::now();
     publish_numbered(&js, "work", 50).await;
     drained(&js, "WORK", "workers").await;
     let stats = host.handler_stats("worker").unwrap();
     assert_eq!((stats.invocations, stats.naked), (100, 50), "every message written, retried and written again");
     assert_eq!(stream_len(&js, "RESULTS").await, 50, "the second write of each was deduplicated");
+    // Each stored result is from its input's first delivery, and its
+    // headers say what the guest was told about that delivery.
+    let results = js.get_stream("RESULTS").await.unwrap();
+    let ns = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    let mut consumer_seqs = HashSet::new();
+    for seq in 1..=50u64 {
+        let m = results.get_raw_message(seq).await.unwrap();
+        let header = |name: &str| m.headers.get(name).unwrap().as_str().to_owned();
+        assert_eq!(
+            (header("source-stream"), header("source-consumer"), header("source-delivered")),
+            ("WORK".to_owned(), "workers".to_owned(), "1".to_owned())
+        );
+        assert!(header("source-pending").parse::<u64>().unwrap() < 50);
+        let stored: i64 = header("source-stored-ns").parse().unwrap();
+        assert!((ns(published_from)..=ns(std::time::SystemTime::now())).contains(&stored), "stored at {stored}");
+        consumer_seqs.insert(header("source-consumer-seq"));
+    }
+    assert_eq!(consumer_seqs.len(), 50, "each first delivery has its own consumer sequence");
     host.shutdown().await;
 }
 

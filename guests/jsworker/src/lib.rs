@@ -1,7 +1,8 @@
 //! `jsworker`: the shape of a typical JetStream worker. It stores a result
 //! with `jetstream-publish` (deduplicated by a message id derived from the
 //! input's stream position, so a redelivery cannot write twice), then acks
-//! explicitly.
+//! explicitly. The result's `source-*` headers carry the input's delivery
+//! data as the guest saw it.
 //!
 //! Config: `results` (subject to store results under, default `results`),
 //! `retry_first_delivery` (when "true", asks for a retry after writing on the
@@ -23,7 +24,15 @@ impl Guest for JsWorker {
             return natsfn_guest::reply(answer);
         };
         let id = format!("{}-{}", meta.stream, meta.stream_sequence);
-        let headers = vec![("source-seq".to_string(), meta.stream_sequence.to_string())];
+        let headers = vec![
+            ("source-seq".to_string(), meta.stream_sequence.to_string()),
+            ("source-stream".to_string(), meta.stream.clone()),
+            ("source-consumer".to_string(), meta.consumer.clone()),
+            ("source-consumer-seq".to_string(), meta.consumer_sequence.to_string()),
+            ("source-delivered".to_string(), meta.delivered.to_string()),
+            ("source-pending".to_string(), meta.pending.to_string()),
+            ("source-stored-ns".to_string(), meta.timestamp_ns.to_string()),
+        ];
         messaging::jetstream_publish(&config_or("results", "results"), &headers, &msg.payload, Some(&id))
             .map_err(|e| fail(&e))?;
         if meta.delivered == 1 && config_or("retry_first_delivery", "false") == "true" {

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
-use crate::hostcalls::{Decision, Invocation, JetStreamAck};
+use crate::hostcalls::{Invocation, JetStreamAck};
 use crate::limits::FLUSH_TIMEOUT;
 use crate::manifest::{InstanceMode, JetStreamTrigger, Manifest};
 use crate::telemetry::{Trace, Tracer};
@@ -46,22 +46,27 @@ pub(crate) enum Delivery {
     /// A core NATS message: at most once, replied to if it asks.
     Core(async_nats::Message),
     /// A JetStream message, settled (ack/nak/term) by the trigger's policy.
-    /// Boxed: a JetStream message carries its context and is twice the
-    /// size of a core one.
+    /// Boxed: with its delivery data it is twice the size of a core one.
     JetStream(Box<JetStreamDelivery>, Arc<JetStreamTrigger>),
 }
 
 /// A JetStream message with its delivery data, parsed from the reply
 /// subject once, when the trigger receives it.
+///
+/// The client's message as it came, not async-nats'
+/// `jetstream::Message`: that carries a clone of the whole JetStream
+/// context for its ack methods (the client, a `String`, a semaphore and a
+/// channel), made and dropped for every message. Acks go out on the
+/// tenant's connection instead (`hostcalls::JetStreamAck`).
 pub(crate) struct JetStreamDelivery {
-    msg: async_nats::jetstream::Message,
-    meta: Option<crate::bindings::natsfn::host::types::JetstreamMeta>,
+    msg: async_nats::Message,
+    info: Option<wire::DeliveryInfo>,
 }
 
 impl JetStreamDelivery {
-    pub(crate) fn new(msg: async_nats::jetstream::Message) -> Box<Self> {
-        let meta = wire::jetstream_meta(&msg);
-        Box::new(JetStreamDelivery { msg, meta })
+    pub(crate) fn new(msg: async_nats::Message) -> Box<Self> {
+        let info = msg.reply.as_ref().and_then(|ack| wire::DeliveryInfo::parse(ack.as_str()));
+        Box::new(JetStreamDelivery { msg, info })
     }
 }
 
@@ -319,11 +324,11 @@ pub(crate) async fn invoke(
     let (received, jetstream, trigger) = match delivery {
         Delivery::Core(msg) => (wire::Received::core(msg), None, None),
         Delivery::JetStream(received, trigger) => {
-            let JetStreamDelivery { msg, meta } = *received;
+            let JetStreamDelivery { msg, info } = *received;
             // Unparseable delivery data counts as a first delivery.
-            let delivered = meta.as_ref().map_or(1, |m| m.delivered);
-            let received = wire::Received::jetstream(&msg, meta, trigger.kv.as_ref());
-            let ack = JetStreamAck { msg, decision: Decision::Undecided, delivered };
+            let delivered = info.as_ref().map_or(1, |i| i.delivered);
+            let received = wire::Received::jetstream(msg, info, trigger.kv.as_ref());
+            let ack = JetStreamAck::new(received.ack_subject().cloned(), delivered);
             (received, Some(ack), Some(trigger))
         }
     };
@@ -381,7 +386,7 @@ pub(crate) async fn invoke(
         // Boxed: only JetStream messages settle, and the settling future
         // (a confirmed ack is a request) would otherwise enlarge every
         // invocation's state.
-        Box::pin(settle::settle(js, &trigger, &outcome, manifest, nats, &handler.stats)).await;
+        Box::pin(settle::settle(js, &received, &trigger, &outcome, manifest, nats, &handler.stats)).await;
     }
     if !early {
         handler.stats.finished(&outcome);
@@ -676,11 +681,11 @@ impl Dispatcher {
             let trace = this.tracer.as_ref().map(|tracer| match &delivery {
                 Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(tracer),
                 Delivery::JetStream(received, _) => {
-                    let mut s = span::InvocationSpan::new(&handler, &received.msg.message, &origin);
-                    if let Some(meta) = &received.meta {
+                    let mut s = span::InvocationSpan::new(&handler, &received.msg, &origin);
+                    if let Some(info) = &received.info {
                         s = s.jetstream(span::JetStreamMeta {
-                            stream_sequence: meta.stream_sequence,
-                            delivered: meta.delivered,
+                            stream_sequence: info.stream_sequence,
+                            delivered: info.delivered,
                         });
                     }
                     s.start(tracer)

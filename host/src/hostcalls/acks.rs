@@ -11,17 +11,48 @@
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
+use async_nats::{Client, Subject};
 
 use super::{CallError, Invocation};
 use crate::bindings::natsfn::host::acks::Host;
 use crate::bindings::WitError;
 
+/// How long a confirmed ack waits for the server's answer (async-nats'
+/// JetStream default).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The JetStream message of an invocation and what has been decided for it.
 pub(crate) struct JetStreamAck {
-    pub(crate) msg: async_nats::jetstream::Message,
+    /// Where acks go: the message's reply subject. `None` only for a
+    /// message JetStream did not deliver, which cannot be acked.
+    subject: Option<Subject>,
     pub(crate) decision: Decision,
     /// How many times the message has been delivered, this time included.
     pub(crate) delivered: u64,
+}
+
+impl JetStreamAck {
+    /// An undecided message acked on `subject`.
+    pub(crate) fn new(subject: Option<Subject>, delivered: u64) -> Self {
+        JetStreamAck { subject, decision: Decision::Undecided, delivered }
+    }
+
+    /// Sends `kind` on `nats` without waiting for the server.
+    pub(crate) async fn send(&self, nats: &Client, kind: AckKind) -> Result<(), async_nats::Error> {
+        nats.publish(self.subject()?.clone(), kind.into()).await?;
+        Ok(())
+    }
+
+    /// Sends `kind` on `nats` and waits until the server confirms it.
+    pub(crate) async fn confirm(&self, nats: &Client, kind: AckKind) -> Result<(), async_nats::Error> {
+        let request = async_nats::Request::new().payload(kind.into()).timeout(Some(CONFIRM_TIMEOUT));
+        nats.send_request(self.subject()?.clone(), request).await?;
+        Ok(())
+    }
+
+    fn subject(&self) -> Result<&Subject, async_nats::Error> {
+        self.subject.as_ref().ok_or_else(|| "the message has no ack subject: JetStream did not deliver it".into())
+    }
 }
 
 /// What the guest decided about its message, if anything.
@@ -57,10 +88,11 @@ fn unavailable(e: async_nats::Error) -> CallError {
 
 impl Host for Invocation {
     async fn ack(&mut self) -> Result<(), CallError> {
+        let nats = self.tenant.nats.clone();
         let js = self.undecided("ack")?;
         // Confirmed: a guest that acks before doing something irreversible
         // learns here if the ack did not land.
-        js.msg.double_ack().await.map_err(unavailable)?;
+        js.confirm(&nats, AckKind::Ack).await.map_err(unavailable)?;
         js.decision = Decision::Acked;
         Ok(())
     }
@@ -78,8 +110,9 @@ impl Host for Invocation {
     }
 
     async fn in_progress(&mut self) -> Result<(), CallError> {
+        let nats = self.tenant.nats.clone();
         let js = self.undecided("in-progress")?;
-        js.msg.ack_with(AckKind::Progress).await.map_err(unavailable)?;
+        js.send(&nats, AckKind::Progress).await.map_err(unavailable)?;
         Ok(())
     }
 }

@@ -206,7 +206,6 @@ impl Pulls {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     let permit = self.owed.pop();
-                    let message = jetstream::Message { message, context: self.context.clone() };
                     return Event::Message(JetStreamDelivery::new(message), permit);
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
