@@ -28,6 +28,7 @@ pub(crate) use span::Origin;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
@@ -338,9 +339,18 @@ pub(crate) async fn invoke(
         handler.stats.from_standby.fetch_add(1, Ordering::Relaxed);
     }
 
-    // The epoch callback stops guests that compute past the deadline; this
+    // The epoch callback stops guests that compute past the deadline; the
     // timeout stops those that wait past it (in a host call or a sleep).
-    let result = tokio::time::timeout_at(deadline, lease.call(&handler.compiled.pre, received.view())).await;
+    // Armed only once the call waits: a timer costs a handle to the
+    // runtime's clock and a timer-wheel entry, and most calls finish in
+    // their first poll.
+    let result = {
+        let mut call = std::pin::pin!(lease.call(&handler.compiled.pre, received.view()));
+        match futures::poll!(call.as_mut()) {
+            Poll::Ready(done) => Ok(done),
+            Poll::Pending => tokio::time::timeout_at(deadline, call).await,
+        }
+    };
     let mut replied = false;
     let outcome = match result {
         Err(_elapsed) => Outcome::TimedOut,
