@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::TriggerError;
-use crate::dispatch::{Delivery, Dispatcher, Lanes, Origin};
+use crate::dispatch::{Delivery, Dispatcher, Lanes, Origin, SpareJob};
 use crate::manifest::QueueGroup;
 use crate::registry::HandlerSlot;
 use crate::subject::SubjectPattern;
@@ -55,6 +55,7 @@ pub(super) async fn bind(
         let lanes = Lanes::for_handler(&slot.current());
         let mut draining = false;
         let mut received: u32 = 0;
+        let mut spare = SpareJob::default();
         loop {
             // Messages come first, so a ready message never pays for polling
             // the tokens (each poll of a cancellation future takes its
@@ -104,7 +105,8 @@ pub(super) async fn bind(
                 // Past the deadline nothing more is started.
                 () = dispatcher.abandon.cancelled() => break,
             };
-            dispatcher.start(&lanes, handler, origin.clone(), Delivery::Core(msg), admission).await;
+            let job = dispatcher.job(handler, origin.clone(), Delivery::Core(msg), admission);
+            dispatcher.start(&lanes, job, &mut spare).await;
         }
         tracing::debug!(handler = %slot.current().manifest.name, subject = %label, "trigger stopped");
     }))

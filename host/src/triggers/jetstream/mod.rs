@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::pulls::{Event, Interruption, Pulls};
 use super::TriggerError;
-use crate::dispatch::{Admission, Delivery, Dispatcher, Lanes, LoadedHandler, Origin};
+use crate::dispatch::{Admission, Delivery, Dispatcher, Lanes, LoadedHandler, Origin, SpareJob};
 use crate::manifest::{DeliverFrom, JetStreamTrigger};
 use crate::registry::HandlerSlot;
 
@@ -158,6 +158,7 @@ async fn pull_loop(
     let dispatcher = Arc::new(dispatcher);
     let lanes = Lanes::for_handler(&slot.current());
     let mut retry = RETRY_FIRST;
+    let mut spare = SpareJob::default();
     loop {
         // Versions swapped by a reload share their permits, so the permits of
         // the version current now bound whichever version runs a message.
@@ -201,9 +202,9 @@ async fn pull_loop(
                     a = admit(&dispatcher, &handler, reserved) => a,
                     () = dispatcher.abandon.cancelled() => break,
                 };
-                dispatcher
-                    .start(&lanes, handler, origin.clone(), Delivery::JetStream(delivery, trigger.clone()), admission)
-                    .await;
+                let job =
+                    dispatcher.job(handler, origin.clone(), Delivery::JetStream(delivery, trigger.clone()), admission);
+                dispatcher.start(&lanes, job, &mut spare).await;
             }
             // The loop comes round to pull again.
             Event::Expired => {}
