@@ -48,7 +48,8 @@ pub(crate) enum Delivery {
     /// A core NATS message: at most once, replied to if it asks.
     Core(async_nats::Message),
     /// A JetStream message, settled (ack/nak/term) by the trigger's policy.
-    /// Boxed: with its delivery data it is twice the size of a core one.
+    /// Boxed: with its delivery data it is larger than a core one, and
+    /// every `Delivery` would be as large.
     JetStream(Box<JetStreamDelivery>, Arc<JetStreamTrigger>),
 }
 

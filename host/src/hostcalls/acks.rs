@@ -68,17 +68,16 @@ pub(crate) enum Decision {
     Term(Option<String>),
 }
 
-impl Invocation {
-    /// The message's ack state, if it is undecided and from JetStream.
-    fn undecided(&mut self, call: &str) -> Result<&mut JetStreamAck, WitError> {
-        let js = self
-            .jetstream
-            .as_mut()
-            .ok_or_else(|| WitError::Invalid(format!("{call}: the message being handled is not from JetStream")))?;
-        match &js.decision {
-            Decision::Undecided => Ok(js),
-            done => Err(WitError::Invalid(format!("{call}: the message was already settled ({done:?})"))),
-        }
+/// The invocation's message's ack state, if it is undecided and from
+/// JetStream. A function of the field, not a method of the invocation, so
+/// the tenant's connection can be borrowed beside it.
+fn undecided<'a>(jetstream: &'a mut Option<JetStreamAck>, call: &str) -> Result<&'a mut JetStreamAck, WitError> {
+    let js = jetstream
+        .as_mut()
+        .ok_or_else(|| WitError::Invalid(format!("{call}: the message being handled is not from JetStream")))?;
+    match &js.decision {
+        Decision::Undecided => Ok(js),
+        done => Err(WitError::Invalid(format!("{call}: the message was already settled ({done:?})"))),
     }
 }
 
@@ -88,31 +87,29 @@ fn unavailable(e: async_nats::Error) -> CallError {
 
 impl Host for Invocation {
     async fn ack(&mut self) -> Result<(), CallError> {
-        let nats = self.tenant.nats.clone();
-        let js = self.undecided("ack")?;
+        let js = undecided(&mut self.jetstream, "ack")?;
         // Confirmed: a guest that acks before doing something irreversible
         // learns here if the ack did not land.
-        js.confirm(&nats, AckKind::Ack).await.map_err(unavailable)?;
+        js.confirm(&self.tenant.nats, AckKind::Ack).await.map_err(unavailable)?;
         js.decision = Decision::Acked;
         Ok(())
     }
 
     async fn nak(&mut self, delay_ms: Option<u32>) -> Result<(), CallError> {
-        let js = self.undecided("nak")?;
+        let js = undecided(&mut self.jetstream, "nak")?;
         js.decision = Decision::Nak(delay_ms.map(|ms| Duration::from_millis(ms.into())));
         Ok(())
     }
 
     async fn term(&mut self, reason: Option<String>) -> Result<(), CallError> {
-        let js = self.undecided("term")?;
+        let js = undecided(&mut self.jetstream, "term")?;
         js.decision = Decision::Term(reason);
         Ok(())
     }
 
     async fn in_progress(&mut self) -> Result<(), CallError> {
-        let nats = self.tenant.nats.clone();
-        let js = self.undecided("in-progress")?;
-        js.send(&nats, AckKind::Progress).await.map_err(unavailable)?;
+        let js = undecided(&mut self.jetstream, "in-progress")?;
+        js.send(&self.tenant.nats, AckKind::Progress).await.map_err(unavailable)?;
         Ok(())
     }
 }
