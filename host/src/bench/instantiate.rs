@@ -15,7 +15,7 @@ use super::BenchError;
 use crate::dispatch::pool::{InstancePool, InstanceSlot, Instances, Lease, Standby};
 use crate::dispatch::Stats;
 use crate::engine::Engine;
-use crate::hostcalls::Invocation;
+use crate::hostcalls::{Invocation, MessageCalls};
 use crate::manifest::{Manifest, TenantId};
 use crate::tenant::config::TenantLimits;
 use crate::tenant::Tenant;
@@ -68,14 +68,19 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
         description: None,
         length: 128,
     });
-    let calls = || Invocation {
+    let message = || MessageCalls {
+        deadline: tokio::time::Instant::now() + manifest.limits.timeout,
+        jetstream: None,
+        trace: None,
+    };
+    let calls = |MessageCalls { deadline, jetstream, trace }| Invocation {
         manifest: manifest.clone(),
         tenant: tenant.clone(),
         stats: stats.clone(),
-        deadline: tokio::time::Instant::now() + manifest.limits.timeout,
-        jetstream: None,
+        deadline,
+        jetstream,
         table: wasmtime::component::ResourceTable::new(),
-        trace: None,
+        trace,
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
     let steps = |reuse: bool| {
@@ -83,13 +88,13 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
         // instantiates, as a message that finds none does.
         let instances =
             if reuse { Instances::Reuse(InstancePool::new()) } else { Instances::Fresh(Standby::default()) };
-        let (engine, compiled, msg, slots, calls) = (&engine, &compiled, &msg, &slots, &calls);
+        let (engine, compiled, msg, slots, message, calls) = (&engine, &compiled, &msg, &slots, &message, &calls);
         async move {
             let mut total = [Duration::ZERO; 4];
             // The first rounds warm the allocator's slots and the caches.
             for round in 0..iterations + iterations / 10 {
                 let t0 = Instant::now();
-                let mut lease = Lease::checkout(engine, &instances, calls(), None);
+                let mut lease = Lease::checkout(engine, &instances, message(), calls, None);
                 let t1 = Instant::now();
                 let made = lease.instantiate(&compiled.pre).await;
                 let t2 = Instant::now();

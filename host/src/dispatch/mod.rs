@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::bindings::{HandlerError, Reply};
 use crate::engine::{CacheOutcome, Compiled, Engine};
-use crate::hostcalls::{Invocation, JetStreamAck};
+use crate::hostcalls::{Invocation, JetStreamAck, MessageCalls};
 use crate::limits::FLUSH_TIMEOUT;
 use crate::manifest::{InstanceMode, JetStreamTrigger, Manifest};
 use crate::telemetry::{Trace, Tracer};
@@ -122,7 +122,8 @@ impl LoadedHandler {
     }
 
     /// The host calls' view of one invocation of this handler.
-    fn calls(&self, deadline: Instant, jetstream: Option<JetStreamAck>, trace: Option<&Trace>) -> Invocation {
+    fn calls(&self, message: MessageCalls) -> Invocation {
+        let MessageCalls { deadline, jetstream, trace } = message;
         Invocation {
             manifest: self.manifest.clone(),
             tenant: self.tenant.clone(),
@@ -130,7 +131,7 @@ impl LoadedHandler {
             deadline,
             jetstream,
             table: wasmtime::component::ResourceTable::new(),
-            trace: trace.cloned(),
+            trace,
         }
     }
 
@@ -344,8 +345,9 @@ pub(crate) async fn invoke(
             (received, Some(ack), Some(trigger))
         }
     };
-    let calls = handler.calls(deadline, jetstream, trace);
-    let mut lease = pool::Lease::checkout(engine, &handler.instances, calls, admission.claimed.take());
+    let message = MessageCalls { deadline, jetstream, trace: trace.cloned() };
+    let calls = |message| handler.calls(message);
+    let mut lease = pool::Lease::checkout(engine, &handler.instances, message, calls, admission.claimed.take());
     if lease.was_standby() {
         handler.stats.from_standby.fetch_add(1, Ordering::Relaxed);
     }
@@ -786,7 +788,8 @@ impl Dispatcher {
             if let pool::Instances::Fresh(standby) = &handler.instances {
                 let calls = || {
                     let deadline = Instant::now() + handler.manifest.limits.timeout;
-                    (!this.abandon.is_cancelled()).then(|| handler.calls(deadline, None, None))
+                    let message = MessageCalls { deadline, jetstream: None, trace: None };
+                    (!this.abandon.is_cancelled()).then(|| handler.calls(message))
                 };
                 standby.refill(&this.engine, &handler.compiled.pre, &this.standby_permits, calls).await;
             }

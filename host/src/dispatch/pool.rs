@@ -49,7 +49,7 @@ use wasmtime::Store;
 
 use super::LoadedHandler;
 use crate::engine::{Engine, Guest, GuestPre, HandleResult, StoreData};
-use crate::hostcalls::Invocation;
+use crate::hostcalls::{Invocation, MessageCalls};
 use crate::tenant::Tenant;
 use crate::wire::MessageView;
 
@@ -326,43 +326,42 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// An instance of `instances` set up for `calls`: in reuse mode the one
-    /// `claimed` at admission or else an idle one, the standby one in fresh
-    /// mode, or else a fresh store (instantiated on first [`Lease::call`]).
-    /// In every case the invocation's own admission permits count the
-    /// instance while it runs; an idle instance's permits (unless the
-    /// admission took them over) and a standby permit go back.
+    /// An instance of `instances` set up for `message`: in reuse mode the
+    /// one `claimed` at admission or else an idle one, the standby one in
+    /// fresh mode, or else a fresh store, with the invocation `calls`
+    /// makes (instantiated on first [`Lease::call`]). In every case the
+    /// invocation's own admission permits count the instance while it runs;
+    /// an idle instance's permits (unless the admission took them over) and
+    /// a standby permit go back.
     pub(crate) fn checkout(
         engine: &Engine,
         instances: &Instances,
-        calls: Invocation,
+        message: MessageCalls,
+        calls: impl FnOnce(MessageCalls) -> Invocation,
         claimed: Option<Claimed>,
     ) -> Lease {
-        let calls = match instances {
+        match instances {
             Instances::Reuse(pool) => {
-                match claimed.or_else(|| pool.take().map(|Idle { store, instance, .. }| Claimed { store, instance })) {
-                    Some(Claimed { mut store, instance }) => {
-                        engine.renew(&mut store, calls);
-                        return Lease { store, instance: Some(instance), standby: false };
-                    }
-                    None => calls,
+                if let Some(Claimed { mut store, instance }) =
+                    claimed.or_else(|| pool.take().map(|Idle { store, instance, .. }| Claimed { store, instance }))
+                {
+                    engine.renew(&mut store, message);
+                    return Lease { store, instance: Some(instance), standby: false };
                 }
             }
-            Instances::Fresh(standby) => match standby.take() {
-                Some(Ready { mut store, instance, _permit }) => {
+            Instances::Fresh(standby) => {
+                if let Some(Ready { mut store, instance, _permit }) = standby.take() {
                     // When the tenant's memory budget is spent, a fresh
                     // instantiation meets the same refusal, reported as the
                     // memory limit it is.
-                    if engine.charge(&mut store, &calls) {
-                        engine.renew(&mut store, calls);
+                    if engine.charge(&mut store) {
+                        engine.renew(&mut store, message);
                         return Lease { store, instance: Some(instance), standby: true };
                     }
-                    calls
                 }
-                None => calls,
-            },
-        };
-        Lease { store: engine.store(calls), instance: None, standby: false }
+            }
+        }
+        Lease { store: engine.store(calls(message)), instance: None, standby: false }
     }
 
     /// Whether the instance was made ahead of the message, on standby.

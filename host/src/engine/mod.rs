@@ -38,7 +38,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::hostcalls::{self, Invocation};
+use crate::hostcalls::{self, Invocation, MessageCalls};
 use crate::limits::{EPOCH_TICK, MAX_MEMORY_MB, STANDBY_INSTANCES};
 use crate::tenant::MemoryBudget;
 
@@ -336,12 +336,13 @@ impl Engine {
         self.new_store(calls, None)
     }
 
-    /// Charges what a standby store already holds to the tenant of `calls`,
-    /// the message claiming it (then [`Engine::renew`] sets it up for that
-    /// message). False, charging nothing, when the tenant's budget has no
-    /// room for it.
-    pub(crate) fn charge(&self, store: &mut Store<StoreData>, calls: &Invocation) -> bool {
-        store.data_mut().limiter.charge(calls.tenant.memory.clone())
+    /// Charges what a standby store already holds to its handler's tenant,
+    /// for the message claiming it (then [`Engine::renew`] sets it up for
+    /// that message). False, charging nothing, when the tenant's budget has
+    /// no room for it.
+    pub(crate) fn charge(&self, store: &mut Store<StoreData>) -> bool {
+        let budget = store.data().calls.tenant.memory.clone();
+        store.data_mut().limiter.charge(budget)
     }
 
     fn new_store(&self, calls: Invocation, budget: Option<Arc<MemoryBudget>>) -> Store<StoreData> {
@@ -380,12 +381,13 @@ impl Engine {
         store
     }
 
-    /// Sets a store that ran an earlier invocation up for `calls`: the new
-    /// invocation's deadline and epoch budget, a clear memory-limit flag.
-    /// What the guest keeps in its own memory stays (that is reuse).
-    pub(crate) fn renew(&self, store: &mut Store<StoreData>, calls: Invocation) {
+    /// Sets a store that ran an earlier invocation (or was made on
+    /// standby) of the same handler up for `message`: the new invocation's
+    /// deadline and epoch budget, a clear memory-limit flag. What the guest
+    /// keeps in its own memory stays (that is reuse).
+    pub(crate) fn renew(&self, store: &mut Store<StoreData>, message: MessageCalls) {
         let data = store.data_mut();
-        data.calls = calls;
+        data.calls.next_message(message);
         data.limiter.hit = false;
         data.limiter.hit_tenant = false;
         self.arm(store);

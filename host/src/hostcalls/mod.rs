@@ -60,6 +60,28 @@ pub struct Invocation {
     pub(crate) trace: Option<Trace>,
 }
 
+/// What one message gives its invocation. The rest of an [`Invocation`]
+/// is its handler's, the same for every message of a handler version.
+pub(crate) struct MessageCalls {
+    pub(crate) deadline: Instant,
+    pub(crate) jetstream: Option<JetStreamAck>,
+    pub(crate) trace: Option<Trace>,
+}
+
+impl Invocation {
+    /// Turns a kept invocation (of a store kept for reuse or made on
+    /// standby, both of one handler version) to `next`'s message: the
+    /// handler's parts stay, where building them again cost three
+    /// reference counts taken and three given back per message.
+    pub(crate) fn next_message(&mut self, next: MessageCalls) {
+        let MessageCalls { deadline, jetstream, trace } = next;
+        self.deadline = deadline;
+        self.jetstream = jetstream;
+        self.trace = trace;
+        self.table = wasmtime::component::ResourceTable::new();
+    }
+}
+
 /// Builds the headers of an outgoing message from the guest's pairs and the
 /// trace context of `trace`. When there is a context to send, it replaces
 /// any trace headers the guest supplied (a guest forwarding its incoming
