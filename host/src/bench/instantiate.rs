@@ -73,15 +73,7 @@ pub async fn instance_cost(nats: async_nats::Client, wasm: &[u8], iterations: u3
         jetstream: None,
         trace: None,
     };
-    let calls = |MessageCalls { deadline, jetstream, trace }| Invocation {
-        manifest: manifest.clone(),
-        tenant: tenant.clone(),
-        stats: stats.clone(),
-        deadline,
-        jetstream,
-        table: wasmtime::component::ResourceTable::new(),
-        trace,
-    };
+    let calls = |message| Invocation::new(manifest.clone(), tenant.clone(), stats.clone(), message);
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
     let steps = |reuse: bool| {
         // Fresh: no standby instance is ever made, so every round

@@ -123,16 +123,7 @@ impl LoadedHandler {
 
     /// The host calls' view of one invocation of this handler.
     fn calls(&self, message: MessageCalls) -> Invocation {
-        let MessageCalls { deadline, jetstream, trace } = message;
-        Invocation {
-            manifest: self.manifest.clone(),
-            tenant: self.tenant.clone(),
-            stats: self.stats.clone(),
-            deadline,
-            jetstream,
-            table: wasmtime::component::ResourceTable::new(),
-            trace,
-        }
+        Invocation::new(self.manifest.clone(), self.tenant.clone(), self.stats.clone(), message)
     }
 
     /// The next version of `self`'s handler. It shares the counters, and the

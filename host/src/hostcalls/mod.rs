@@ -69,6 +69,14 @@ pub(crate) struct MessageCalls {
 }
 
 impl Invocation {
+    /// The invocation of a handler (its `manifest`, `tenant` and `stats`)
+    /// for `message`.
+    pub(crate) fn new(manifest: Arc<Manifest>, tenant: Arc<Tenant>, stats: Arc<Stats>, message: MessageCalls) -> Self {
+        let MessageCalls { deadline, jetstream, trace } = message;
+        let table = wasmtime::component::ResourceTable::new();
+        Invocation { manifest, tenant, stats, deadline, jetstream, table, trace }
+    }
+
     /// Turns a kept invocation (of a store kept for reuse or made on
     /// standby, both of one handler version) to `next`'s message: the
     /// handler's parts stay, where building them again cost three
