@@ -696,16 +696,29 @@ impl Dispatcher {
     /// - fresh mode: its instance work (the drop and the next standby
     ///   instantiation, ~15 µs) must spread over the worker threads, and run
     ///   on the trigger's task it cost core-sub a sixth of its throughput.
-    pub(crate) async fn start<F>(&self, lanes: &lanes::Lanes, job: ReadyJob<F>, spare: &mut SpareJob<F>)
+    ///
+    /// The job is boxed when this is called, not when the returned future is
+    /// first polled: its state is kilobytes, and an `async fn` would first
+    /// move it into its own future, then out of that into the box, two
+    /// copies of all of it per message.
+    pub(crate) fn start<'a, F>(
+        &'a self,
+        lanes: &'a lanes::Lanes,
+        job: ReadyJob<F>,
+        spare: &'a mut SpareJob<F>,
+    ) -> impl Future<Output = ()> + 'a
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let mut boxed = spare.fill(job.future);
-        if job.reuse && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await {
-            spare.keep(boxed);
-            return;
+        let ReadyJob { future, reuse } = job;
+        let mut boxed = spare.fill(future);
+        async move {
+            if reuse && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await {
+                spare.keep(boxed);
+                return;
+            }
+            lanes.run(boxed, &self.invocations);
         }
-        lanes.run(boxed, &self.invocations);
     }
 
     /// The whole of one invocation as a future, for [`Dispatcher::start`]:
