@@ -362,7 +362,10 @@ pub(crate) async fn invoke(
         Ok(Ok(Err(handler_error))) => Outcome::Failed(handler_error),
         Ok(Ok(Ok(reply))) => {
             if let (Some(reply), Some(to)) = (reply, &received.reply) {
-                send_reply(nats, manifest, to, reply).await;
+                // Boxed: async-nats' publish future is most of a kilobyte,
+                // and unboxed it made every invocation's state (copied into
+                // its box per message) that much larger, reply or not.
+                Box::pin(send_reply(nats, manifest, to, reply)).await;
                 replied = true;
             }
             Outcome::Ok
