@@ -29,13 +29,19 @@
 //! lane, so queues never hold more than the permits allow. Each job carries
 //! a token of the dispatcher's task tracker, so shutdown still waits for, and
 //! counts, invocations rather than lanes.
+//!
+//! A lane hands the box of a job that finished back to its trigger, which
+//! puts a later job in it: a job's state is kilobytes, past glibc's
+//! per-thread cache, and allocating it for every message that goes to a
+//! lane (every one in fresh mode) and freeing it on another thread took a
+//! trip through malloc's locked bins each time.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::Poll;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -44,51 +50,64 @@ use tokio::sync::mpsc;
 use super::LoadedHandler;
 use crate::tenant::Tenant;
 
-/// One invocation, ready to run (already admitted).
-pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// One invocation, ready to run (already admitted): its trigger's job
+/// future, boxed.
+pub(crate) type Job<F> = Pin<Box<F>>;
 
-/// The lanes of one trigger. Dropping them lets each lane finish what it
-/// holds and end.
-pub(crate) struct Lanes {
-    lanes: Vec<Lane>,
+/// How many boxes of finished jobs the lanes keep for their trigger. More
+/// would only hold memory: the trigger takes one per job it starts.
+const RETURNED_MAX: usize = 8;
+
+/// The lanes of one trigger, whose jobs are `F`s. Dropping them lets each
+/// lane finish what it holds and end.
+pub(crate) struct Lanes<F> {
+    lanes: Vec<Lane<F>>,
+    /// Boxes of jobs that finished in a lane, for the trigger's next jobs.
+    returned: Arc<Mutex<Vec<Job<F>>>>,
     /// Where the lanes run: the tenant's guest threads, or the host's.
     runtime: tokio::runtime::Handle,
     /// Whether that is the host's threads, where triggers run too.
     on_host_threads: bool,
 }
 
-struct Lane {
-    queue: mpsc::UnboundedSender<Job>,
+struct Lane<F> {
+    queue: mpsc::UnboundedSender<Job<F>>,
     /// Jobs queued or running in the lane.
     load: Arc<AtomicUsize>,
 }
 
-impl Lanes {
+impl<F: Future<Output = ()> + Send + 'static> Lanes<F> {
     /// Starts the lanes for `handler`'s trigger. A handler keeps its tenant
     /// across reloads (a different tenant is a different handler), so these
     /// lanes stay on the right threads for every version.
-    pub(crate) fn for_handler(handler: &LoadedHandler) -> Lanes {
+    pub(crate) fn for_handler(handler: &LoadedHandler) -> Lanes<F> {
         Lanes::start(&handler.tenant, handler.manifest.limits.max_concurrency)
     }
 
     /// Starts lanes on `tenant`'s guest threads (the host's when it has
     /// none): one per thread, but no more than `max_concurrency`, since more
     /// lanes than invocations in flight would only sit idle.
-    fn start(tenant: &Tenant, max_concurrency: u32) -> Lanes {
+    fn start(tenant: &Tenant, max_concurrency: u32) -> Lanes<F> {
         let own = tenant.runtime();
         let on_host_threads = own.is_none();
         let runtime = own.unwrap_or_else(tokio::runtime::Handle::current);
         let threads = runtime.metrics().num_workers();
         let count = threads.min(max_concurrency as usize).max(1);
+        let returned = Arc::new(Mutex::new(Vec::with_capacity(RETURNED_MAX)));
         let lanes = (0..count)
             .map(|_| {
                 let (queue, jobs) = mpsc::unbounded_channel();
                 let load = Arc::new(AtomicUsize::new(0));
-                runtime.spawn(run(jobs, load.clone()));
+                runtime.spawn(run(jobs, load.clone(), returned.clone()));
                 Lane { queue, load }
             })
             .collect();
-        Lanes { lanes, runtime, on_host_threads }
+        Lanes { lanes, returned, runtime, on_host_threads }
+    }
+
+    /// The box of a job that finished in a lane, if one is waiting.
+    pub(crate) fn returned_box(&self) -> Option<Job<F>> {
+        self.returned.lock().unwrap_or_else(PoisonError::into_inner).pop()
     }
 
     /// Whether an invocation may run on the trigger's own task instead of a
@@ -102,7 +121,7 @@ impl Lanes {
     /// Runs `job` in the lane with the least work. Lanes end only with their
     /// runtime; should that be under way, the admitted job still runs, in a
     /// task of its own there, tracked by `tracker` so shutdown waits for it.
-    pub(crate) fn run(&self, job: Job, tracker: &tokio_util::task::TaskTracker) {
+    pub(crate) fn run(&self, job: Job<F>, tracker: &tokio_util::task::TaskTracker) {
         if let Err(job) = self.submit(job) {
             drop(tracker.spawn_on(job, &self.runtime));
         }
@@ -110,7 +129,7 @@ impl Lanes {
 
     /// Hands `job` to the lane with the least work. Returns the job when
     /// every lane has ended (only when its runtime is shutting down).
-    fn submit(&self, job: Job) -> Result<(), Job> {
+    fn submit(&self, job: Job<F>) -> Result<(), Job<F>> {
         let Some(lane) = self.lanes.iter().min_by_key(|l| l.load.load(Ordering::Relaxed)) else {
             return Err(job);
         };
@@ -122,9 +141,31 @@ impl Lanes {
     }
 }
 
+/// Polls a job to its end, then gives back its box.
+struct Returning<F>(Option<Job<F>>);
+
+impl<F: Future<Output = ()>> Future for Returning<F> {
+    type Output = Option<Job<F>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(job) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match job.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(self.0.take()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// A lane's task: runs what arrives on `jobs` until the queue is closed and
-/// everything taken from it has finished.
-async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
+/// everything taken from it has finished, and puts the boxes of finished
+/// jobs in `returned`.
+async fn run<F: Future<Output = ()>>(
+    mut jobs: mpsc::UnboundedReceiver<Job<F>>,
+    load: Arc<AtomicUsize>,
+    returned: Arc<Mutex<Vec<Job<F>>>>,
+) {
     let mut running = FuturesUnordered::new();
     let mut open = true;
     std::future::poll_fn(|cx| loop {
@@ -136,7 +177,7 @@ async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
                 // errors, not panics) must not take the lane's other
                 // invocations down with it, as it would not have with a
                 // task per message.
-                Poll::Ready(Some(job)) => running.push(AssertUnwindSafe(job).catch_unwind()),
+                Poll::Ready(Some(job)) => running.push(AssertUnwindSafe(Returning(Some(job))).catch_unwind()),
                 Poll::Ready(None) => open = false,
                 Poll::Pending => break,
             }
@@ -145,10 +186,19 @@ async fn run(mut jobs: mpsc::UnboundedReceiver<Job>, load: Arc<AtomicUsize>) {
         // run of ready futures, so this loop cannot starve other tasks.
         match running.poll_next_unpin(cx) {
             Poll::Ready(Some(result)) => {
-                load.fetch_sub(1, Ordering::Relaxed);
-                if result.is_err() {
-                    tracing::error!("an invocation panicked; the others in its lane go on");
+                match result {
+                    Ok(Some(done)) => {
+                        let mut returned = returned.lock().unwrap_or_else(PoisonError::into_inner);
+                        if returned.len() < RETURNED_MAX {
+                            returned.push(done);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => tracing::error!("an invocation panicked; the others in its lane go on"),
                 }
+                // Counted out once its box is back, so whoever sees the lane
+                // idle also finds the box.
+                load.fetch_sub(1, Ordering::Release);
             }
             Poll::Ready(None) if !open => return Poll::Ready(()),
             // Empty: the queue's waker is registered by the poll above.
@@ -179,12 +229,20 @@ mod tests {
         Tenant::on_connection(TenantId::default(), nats, TenantLimits::default())
     }
 
-    /// A job that records that it started, then waits for `release`.
-    fn waiting(started: &Arc<AtomicUsize>, finished: &Arc<AtomicUsize>, release: oneshot::Receiver<()>) -> Job {
+    /// A job that records that it started, then waits for `release`. If
+    /// the sender is dropped instead, the job panics, as one that hit a
+    /// host bug would.
+    fn waiting(
+        started: &Arc<AtomicUsize>,
+        finished: &Arc<AtomicUsize>,
+        release: oneshot::Receiver<()>,
+    ) -> Job<impl Future<Output = ()> + Send + 'static> {
         let (started, finished) = (started.clone(), finished.clone());
         Box::pin(async move {
             started.fetch_add(1, Ordering::SeqCst);
-            let _ = release.await;
+            if release.await.is_err() {
+                panic!("a host bug");
+            }
             finished.fetch_add(1, Ordering::SeqCst);
         })
     }
@@ -245,14 +303,33 @@ mod tests {
         let (release, wait) = oneshot::channel();
         assert!(lanes.submit(waiting(&started, &finished, wait)).is_ok());
         until(|| started.load(Ordering::SeqCst) == 1).await;
-        assert!(lanes.submit(Box::pin(async { panic!("a host bug") })).is_ok());
+        let (bug, panics) = oneshot::channel();
+        drop(bug);
+        assert!(lanes.submit(waiting(&started, &finished, panics)).is_ok());
         // The waiting neighbour survives the panic, and the lane takes more.
         let (release2, wait2) = oneshot::channel();
         assert!(lanes.submit(waiting(&started, &finished, wait2)).is_ok());
-        until(|| started.load(Ordering::SeqCst) == 2).await;
+        until(|| started.load(Ordering::SeqCst) == 3).await;
         let _ = release.send(());
         let _ = release2.send(());
         until(|| finished.load(Ordering::SeqCst) == 2).await;
         until(|| lanes.lanes[0].load.load(Ordering::SeqCst) == 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_jobs_box_comes_back_for_the_next_job() {
+        let lanes = Lanes::start(&tenant().await, 1);
+        let (started, finished) = (Arc::default(), Arc::default());
+        let (release, wait) = oneshot::channel();
+        let job = waiting(&started, &finished, wait);
+        let allocation = std::ptr::from_ref(&*job).addr();
+        assert!(lanes.submit(job).is_ok());
+        until(|| started.load(Ordering::SeqCst) == 1).await;
+        assert!(lanes.returned_box().is_none(), "a running job keeps its box");
+        let _ = release.send(());
+        until(|| lanes.lanes[0].load.load(Ordering::SeqCst) == 0).await;
+        let returned = lanes.returned_box().expect("the finished job's box, handed back");
+        assert_eq!(std::ptr::from_ref(&*returned).addr(), allocation, "the same allocation");
+        assert!(lanes.returned_box().is_none(), "each box is handed back once");
     }
 }

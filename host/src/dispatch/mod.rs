@@ -546,7 +546,8 @@ pub(crate) struct ReadyJob<F> {
 }
 
 /// The box of a trigger's last job that finished on the trigger's task,
-/// kept for its next one. A job's state is kilobytes (wasmtime's call
+/// kept for its next one (a job that finished in a lane has its box handed
+/// back by the lanes instead). A job's state is kilobytes (wasmtime's call
 /// futures included), boxed so that handing it to a lane moves a pointer;
 /// that size is past the allocator's per-thread cache, and allocating and
 /// freeing it for every message was 3-4 % of the host's CPU in reuse mode.
@@ -559,9 +560,10 @@ impl<F> Default for SpareJob<F> {
 }
 
 impl<F: Future<Output = ()>> SpareJob<F> {
-    /// `job` in the spare box, or in a new one.
-    fn fill(&mut self, job: F) -> Pin<Box<F>> {
-        match self.0.take() {
+    /// `job` in the spare box, else in the box `returned` gives back, else
+    /// in a new one.
+    fn fill(&mut self, job: F, returned: impl FnOnce() -> Option<Pin<Box<F>>>) -> Pin<Box<F>> {
+        match self.0.take().or_else(returned) {
             Some(mut spare) => {
                 spare.set(job);
                 spare
@@ -706,7 +708,7 @@ impl Dispatcher {
     /// copies of all of it per message.
     pub(crate) fn start<'a, F>(
         &'a self,
-        lanes: &'a lanes::Lanes,
+        lanes: &'a lanes::Lanes<F>,
         job: ReadyJob<F>,
         spare: &'a mut SpareJob<F>,
     ) -> impl Future<Output = ()> + 'a
@@ -714,7 +716,7 @@ impl Dispatcher {
         F: Future<Output = ()> + Send + 'static,
     {
         let ReadyJob { future, reuse } = job;
-        let mut boxed = spare.fill(future);
+        let mut boxed = spare.fill(future, || lanes.returned_box());
         async move {
             if reuse && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await {
                 spare.keep(boxed);
@@ -808,7 +810,8 @@ impl Dispatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::lanes::Job;
+    /// A job of any type, as the tests below make several.
+    type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
     use super::*;
 
     #[tokio::test]
@@ -839,16 +842,16 @@ mod tests {
             }
         };
         let mut spare = SpareJob::default();
-        let mut first = spare.fill(job(1));
+        let mut first = spare.fill(job(1), || None);
         let allocation = std::ptr::from_ref(&*first).addr();
         first.as_mut().await;
         spare.keep(first);
-        let mut second = spare.fill(job(10));
+        let mut second = spare.fill(job(10), || None);
         assert_eq!(std::ptr::from_ref(&*second).addr(), allocation, "no new box");
         second.as_mut().await;
         assert_eq!(runs.load(Ordering::Relaxed), 11, "both jobs ran, each once");
         // Without a spare, a new box.
-        let mut third = spare.fill(job(100));
+        let mut third = spare.fill(job(100), || None);
         third.as_mut().await;
         assert_eq!(runs.load(Ordering::Relaxed), 111);
     }
