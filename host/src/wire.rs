@@ -211,15 +211,18 @@ impl DeliveryInfo {
         };
         let [stream, consumer, delivered, stream_sequence, consumer_sequence, timestamp, pending] =
             tokens[first..first + 7].try_into().ok()?;
-        let number = |(from, to): (usize, usize)| ack.get(from..to)?.parse().ok();
+        // A function, not a closure: the timestamp is signed, the rest not.
+        fn number<T: std::str::FromStr>(ack: &str, (from, to): (usize, usize)) -> Option<T> {
+            ack.get(from..to)?.parse().ok()
+        }
         Some(DeliveryInfo {
             stream: stream.0..stream.1,
             consumer: consumer.0..consumer.1,
-            delivered: number(delivered)?,
-            stream_sequence: number(stream_sequence)?,
-            consumer_sequence: number(consumer_sequence)?,
-            timestamp_ns: ack.get(timestamp.0..timestamp.1)?.parse().ok()?,
-            pending: number(pending)?,
+            delivered: number(ack, delivered)?,
+            stream_sequence: number(ack, stream_sequence)?,
+            consumer_sequence: number(ack, consumer_sequence)?,
+            timestamp_ns: number(ack, timestamp)?,
+            pending: number(ack, pending)?,
         })
     }
 

@@ -810,9 +810,10 @@ impl Dispatcher {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A job of any type, as the tests below make several.
     type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
-    use super::*;
 
     #[tokio::test]
     async fn poll_once_tells_finished_from_pending_and_survives_a_panic() {
