@@ -54,6 +54,8 @@ fn cases() -> Vec<Case> {
     // instance, to show what the instance costs there.
     let jetstream_reuse =
         reused(case("jetstream-ack-reuse", Mode::JetStream { stream: "BENCH".into() }, 128, 50_000, 1));
+    // Nor this: req-reply-128 without the fresh instance.
+    let req_reply_reuse = reused(case("req-reply-reuse", Mode::Request, 128, 20_000, 1));
     // Nor this: core-sub with `mirror` built without the standard library,
     // to show what the guest's shape costs a fresh instance.
     let mut bare = case("core-sub-bare", Mode::Publish, 128, 200_000, 1);
@@ -68,6 +70,7 @@ fn cases() -> Vec<Case> {
         reuse,
         jetstream_reuse,
         bare,
+        req_reply_reuse,
     ]
 }
 

@@ -389,11 +389,13 @@ pub(crate) async fn invoke(
     if !matches!(outcome, Outcome::Ok) {
         report(manifest, received.subject.as_str(), &outcome);
     }
-    // The connection task, woken by the reply, runs on this thread only
-    // once this task yields: let it write the reply before this thread
-    // spends tens of microseconds dropping a fresh instance. The outcome is
-    // counted first, so whoever got the reply finds it counted.
-    let early = replied && matches!(handler.instances, pool::Instances::Fresh(_));
+    // A fresh instance's drop (and the standby refill after it) takes tens
+    // of microseconds. Before it, yield: the connection task, woken by the
+    // reply, runs on this thread only once this task does, so it writes the
+    // reply first; and on the trigger's task the yield leaves the instance
+    // work to a lane ([`Dispatcher::start`]). The outcome is counted first,
+    // so whoever got the reply finds it counted.
+    let early = matches!(handler.instances, pool::Instances::Fresh(_)) && (replied || on_trigger_task());
     if early {
         handler.stats.finished(&outcome);
         tokio::task::yield_now().await;
@@ -431,7 +433,9 @@ async fn round_trip(nats: &async_nats::Client) -> Result<(), async_nats::Error> 
 /// invocation); false when it is still pending and must run on elsewhere.
 async fn poll_once<F: Future<Output = ()> + ?Sized>(mut job: Pin<&mut F>) -> bool {
     std::future::poll_fn(|cx| {
+        ON_TRIGGER_TASK.with(|on| on.set(true));
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.as_mut().poll(cx)));
+        ON_TRIGGER_TASK.with(|on| on.set(false));
         std::task::Poll::Ready(match polled {
             Ok(std::task::Poll::Ready(())) => true,
             Ok(std::task::Poll::Pending) => false,
@@ -540,9 +544,34 @@ pub(crate) struct Dispatcher {
 /// [`Dispatcher::job`] and [`Dispatcher::start`].
 pub(crate) struct ReadyJob<F> {
     future: F,
-    /// Whether its handler reuses instances, so it may run on the
-    /// trigger's task.
-    reuse: bool,
+    first_poll: FirstPoll,
+}
+
+/// Where a job is first polled ([`Dispatcher::start`] says why).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FirstPoll {
+    /// On the trigger's task when the lanes are idle: reuse mode.
+    Trigger,
+    /// On the trigger's task when the lanes are idle, but only up to the
+    /// instance work, which goes on in a lane: fresh mode with a standby
+    /// instance ready.
+    TriggerThenLane,
+    /// In a lane: fresh mode with no standby instance ready (the job would
+    /// instantiate first).
+    Lane,
+}
+
+thread_local! {
+    /// Whether the job being polled on this thread is polled by its
+    /// trigger's task ([`poll_once`]), not by a lane.
+    static ON_TRIGGER_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the invocation polling this is on its trigger's task: there, a
+/// fresh-mode invocation stops after its call, so that the instance work
+/// goes on in a lane and the trigger reads on.
+fn on_trigger_task() -> bool {
+    ON_TRIGGER_TASK.with(std::cell::Cell::get)
 }
 
 /// The box of a trigger's last job that finished on the trigger's task,
@@ -680,27 +709,32 @@ impl Dispatcher {
     /// Starts `job` (made by [`Dispatcher::job`]), boxed in the trigger's
     /// `spare` box when it has one.
     ///
-    /// The invocation runs in one of the trigger's `lanes`, except that a
-    /// reuse-mode handler's invocation is first polled here, on the
-    /// trigger's task, when the lanes are idle: most finish in that poll
-    /// (a reused instance, no host call that waits), and the hand-off to a
-    /// lane on another worker thread costs about as much as the call itself
-    /// (a fifth to a quarter of the CPU per message in core-sub-reuse and
-    /// jetstream-ack-reuse; BENCHMARKS.md). One that is still pending (a
-    /// host call waits, the guest yielded at an epoch tick, or the trigger
-    /// task's cooperative budget ran out) moves on to a lane, which polls
-    /// it again and so takes over its wake-ups, and while it runs there the
-    /// lanes are not idle, so the next messages go to lanes too and the
-    /// trigger keeps reading.
+    /// The invocation runs in one of the trigger's `lanes`, except that,
+    /// when the lanes are idle, it is first polled here, on the trigger's
+    /// task: the hand-off to a lane, on another worker thread, costs about
+    /// as much as the call itself (a fifth to a quarter of the CPU per
+    /// message in core-sub-reuse and jetstream-ack-reuse), and it added a
+    /// wake-up of the other worker to every request's reply in fresh mode
+    /// (BENCHMARKS.md). A reuse-mode invocation mostly finishes in that
+    /// poll (a reused instance, no host call that waits). A fresh-mode one
+    /// is polled here only when its standby instance is ready, and stops
+    /// after its call: its instance work (the drop and the next standby
+    /// instantiation, ~15 µs) must spread over the worker threads, and run
+    /// on the trigger's task it cost core-sub a sixth of its throughput.
+    /// The trigger yields before it hands that on, so that the connection
+    /// task writes the reply before the lane is woken.
     ///
-    /// Always in a lane:
-    /// - the invocations of a tenant with threads of its own (configured
-    ///   tenants get them by default): its lanes run on those threads, the
-    ///   trigger's task runs on the host's, and the tenant's guests must
-    ///   not;
-    /// - fresh mode: its instance work (the drop and the next standby
-    ///   instantiation, ~15 µs) must spread over the worker threads, and run
-    ///   on the trigger's task it cost core-sub a sixth of its throughput.
+    /// One that is still pending (the instance work, a host call waits,
+    /// the guest yielded at an epoch tick, or the trigger task's
+    /// cooperative budget ran out) moves on to a lane, which polls it again
+    /// and so takes over its wake-ups, and while it runs there the lanes
+    /// are not idle, so the next messages go to lanes too and the trigger
+    /// keeps reading.
+    ///
+    /// Always in a lane: the invocations of a tenant with threads of its own
+    /// (configured tenants get them by default): its lanes run on those
+    /// threads, the trigger's task runs on the host's, and the tenant's
+    /// guests must not.
     ///
     /// The job is boxed when this is called, not when the returned future is
     /// first polled: its state is kilobytes, and an `async fn` would first
@@ -715,12 +749,17 @@ impl Dispatcher {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let ReadyJob { future, reuse } = job;
+        let ReadyJob { future, first_poll } = job;
         let mut boxed = spare.fill(future, || lanes.returned_box());
         async move {
-            if reuse && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await {
-                spare.keep(boxed);
-                return;
+            if first_poll != FirstPoll::Lane && lanes.idle_on_host_threads() {
+                if poll_once(boxed.as_mut()).await {
+                    spare.keep(boxed);
+                    return;
+                }
+                if first_poll == FirstPoll::TriggerThenLane {
+                    tokio::task::yield_now().await;
+                }
             }
             lanes.run(boxed, &self.invocations);
         }
@@ -737,7 +776,11 @@ impl Dispatcher {
         delivery: Delivery,
         mut admission: Admission,
     ) -> ReadyJob<impl Future<Output = ()> + Send + 'static> {
-        let reuse = matches!(handler.instances, pool::Instances::Reuse(_));
+        let first_poll = match &handler.instances {
+            pool::Instances::Reuse(_) => FirstPoll::Trigger,
+            pool::Instances::Fresh(standby) if standby.is_ready() => FirstPoll::TriggerThenLane,
+            pool::Instances::Fresh(_) => FirstPoll::Lane,
+        };
         // One reference count, not a clone of every field: cloning the
         // cancellation token takes a lock, and the engine's cache path
         // would be copied, for every message.
@@ -804,7 +847,7 @@ impl Dispatcher {
             }
             drop(tracked);
         };
-        ReadyJob { future, reuse }
+        ReadyJob { future, first_poll }
     }
 }
 
@@ -831,6 +874,22 @@ mod tests {
 
         let mut panicking: Job = Box::pin(async { panic!("a host bug") });
         assert!(poll_once(panicking.as_mut()).await, "a panic ends that job, not the caller");
+    }
+
+    #[tokio::test]
+    async fn a_job_knows_whether_its_trigger_is_polling_it() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let mut job: Job = Box::pin(async move {
+            record.lock().unwrap().push(on_trigger_task());
+            tokio::task::yield_now().await;
+            record.lock().unwrap().push(on_trigger_task());
+        });
+        assert!(!poll_once(job.as_mut()).await, "the job yielded");
+        assert!(!on_trigger_task(), "only while the trigger polls");
+        // Polled on, as a lane would.
+        job.await;
+        assert_eq!(*seen.lock().unwrap(), [true, false]);
     }
 
     #[tokio::test]

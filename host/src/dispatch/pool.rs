@@ -112,6 +112,11 @@ impl Standby {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether an instance is ready (a message may still take it first).
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(*self.lock(), StandbyState::Ready(_))
+    }
+
     /// The ready instance, if there is one.
     fn take(&self) -> Option<Ready> {
         let mut state = self.lock();
