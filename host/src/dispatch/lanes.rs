@@ -18,12 +18,15 @@
 //! delays the other invocations in its lane until it yields at the next
 //! epoch tick; new messages go to the other lanes meanwhile.
 //!
-//! A reuse-mode invocation (of a tenant on the host's threads) skips its
-//! lane when the lanes are idle ([`Lanes::idle_on_host_threads`]): it is polled first on the trigger's task,
-//! and reaches a lane only if it waits ([`super::Dispatcher::start`] says
+//! An invocation of a tenant on the host's threads skips its lane when the
+//! lanes are idle ([`Lanes::idle_on_host_threads`]): it is polled first on
+//! the trigger's task, and reaches a lane only if it waits (a fresh-mode
+//! one always does, after its call: its instance's drop and the next
+//! standby instantiation run in a lane; [`super::Dispatcher::start`] says
 //! why). What that gives up: during the poll the trigger reads nothing, for
-//! up to one epoch tick of guest code, plus an instantiation when the reuse
-//! pool is empty, or the drop of an instance that trapped.
+//! up to one epoch tick of guest code, plus, in reuse mode, an
+//! instantiation when the pool is empty, or the drop of an instance that
+//! trapped.
 //!
 //! Admission (the concurrency permits) happens before a message reaches a
 //! lane, so queues never hold more than the permits allow. Each job carries

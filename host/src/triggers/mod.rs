@@ -1,10 +1,11 @@
 //! Triggers turn NATS deliveries into invocations, one task per
 //! `[[trigger]]` of a handler. They wait for an admission from dispatch
 //! (which is how back-pressure reaches NATS), then hand the message over.
-//! The one time a trigger runs guest code is the first poll of a reuse-mode
+//! The one time a trigger runs guest code is the first poll of an
 //! invocation of a tenant on the host's threads while the trigger's lanes
-//! are idle ([`crate::dispatch::Dispatcher::start`]); the trigger reads
-//! nothing until that poll returns.
+//! are idle (in fresh mode, only with a standby instance ready, and only up
+//! to the end of the call; [`crate::dispatch::Dispatcher::start`]); the
+//! trigger reads nothing until that poll returns.
 //!
 //! Each kind of source has its own file. Every trigger task ends on its own
 //! once the shutdown token fires and what it had already received is handed
