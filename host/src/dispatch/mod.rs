@@ -713,9 +713,9 @@ impl Dispatcher {
     /// when the lanes are idle, it is first polled here, on the trigger's
     /// task: the hand-off to a lane, on another worker thread, costs about
     /// as much as the call itself (a fifth to a quarter of the CPU per
-    /// message in core-sub-reuse and jetstream-ack-reuse), and it added a
-    /// wake-up of the other worker to every request's reply in fresh mode
-    /// (BENCHMARKS.md). A reuse-mode invocation mostly finishes in that
+    /// message in core-sub-reuse and jetstream-ack-reuse), and in fresh
+    /// mode it came before every request's call (BENCHMARKS.md, "The call
+    /// on the trigger's task in fresh mode too"). A reuse-mode invocation mostly finishes in that
     /// poll (a reused instance, no host call that waits). A fresh-mode one
     /// is polled here only when its standby instance is ready, and stops
     /// after its call: its instance work (the drop and the next standby
