@@ -613,8 +613,9 @@ pub(crate) struct Admission {
     /// The tenant's and the host's instance permits; taken over by the
     /// instance when it is kept for reuse.
     slot: Option<pool::InstanceSlot>,
-    /// In reuse mode, the idle instance the message runs on, when one was
-    /// waiting: `slot` is the permits it held.
+    /// The instance the message runs on, when one was waiting: in reuse
+    /// mode an idle one (`slot` is then the permits it held), in fresh mode
+    /// the standby one (which `slot` counts from here).
     claimed: Option<pool::Claimed>,
 }
 
@@ -641,15 +642,22 @@ impl Dispatcher {
     /// permits, so once the handler has run as many instances as its tenant
     /// or the host allows, its next messages can only run on those. That
     /// is also why a message waiting for permits stops waiting as soon as
-    /// one of the handler's instances goes idle.
+    /// one of the handler's instances goes idle. In fresh mode the message
+    /// claims the handler's standby instance, when one is ready, once it has
+    /// its permits.
     pub(crate) async fn admit_reserved(
         &self,
         handler: &LoadedHandler,
         handler_permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Admission {
-        let Some(idle) = handler.instances.pool() else {
-            let slot = self.instance_slot(handler).await;
-            return Admission { _handler: handler_permit, slot: Some(slot), claimed: None };
+        let idle = match &handler.instances {
+            pool::Instances::Reuse(idle) => idle,
+            pool::Instances::Fresh(standby) => {
+                let slot = self.instance_slot(handler).await;
+                // Claimed now, so that the job knows whether its call can
+                // start on the trigger's task ([`Dispatcher::start`]).
+                return Admission { _handler: handler_permit, slot: Some(slot), claimed: standby.claim() };
+            }
         };
         loop {
             if let Some((claimed, slot)) = idle.admit() {
@@ -776,10 +784,10 @@ impl Dispatcher {
         delivery: Delivery,
         mut admission: Admission,
     ) -> ReadyJob<impl Future<Output = ()> + Send + 'static> {
-        let first_poll = match &handler.instances {
-            pool::Instances::Reuse(_) => FirstPoll::Trigger,
-            pool::Instances::Fresh(standby) if standby.is_ready() => FirstPoll::TriggerThenLane,
-            pool::Instances::Fresh(_) => FirstPoll::Lane,
+        let first_poll = match (&handler.instances, &admission.claimed) {
+            (pool::Instances::Reuse(_), _) => FirstPoll::Trigger,
+            (pool::Instances::Fresh(_), Some(_)) => FirstPoll::TriggerThenLane,
+            (pool::Instances::Fresh(_), None) => FirstPoll::Lane,
         };
         // One reference count, not a clone of every field: cloning the
         // cancellation token takes a lock, and the engine's cache path

@@ -112,16 +112,13 @@ impl Standby {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether an instance is ready (a message may still take it first).
-    pub(crate) fn is_ready(&self) -> bool {
-        matches!(*self.lock(), StandbyState::Ready(_))
-    }
-
-    /// The ready instance, if there is one.
-    fn take(&self) -> Option<Ready> {
+    /// The ready instance, if there is one, for a message: its standby
+    /// permit goes back, and the message's admission permits count it from
+    /// now on.
+    pub(crate) fn claim(&self) -> Option<Claimed> {
         let mut state = self.lock();
         match std::mem::take(&mut *state) {
-            StandbyState::Ready(ready) => Some(ready),
+            StandbyState::Ready(Ready { store, instance, _permit }) => Some(Claimed { store, instance }),
             other => {
                 *state = other;
                 None
@@ -246,8 +243,9 @@ impl IdlePools {
     }
 }
 
-/// An idle instance claimed for a message at its admission
-/// ([`InstancePool::admit`]), for [`Lease::checkout`].
+/// An instance claimed for a message at its admission, for
+/// [`Lease::checkout`]: an idle one in reuse mode ([`InstancePool::admit`]),
+/// the standby one in fresh mode ([`Standby::claim`]).
 pub(crate) struct Claimed {
     store: Store<StoreData>,
     instance: Guest,
@@ -331,8 +329,8 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// An instance of `instances` set up for `message`: in reuse mode the
-    /// one `claimed` at admission or else an idle one, the standby one in
+    /// An instance of `instances` set up for `message`: the one `claimed`
+    /// at admission, or else an idle one in reuse mode or the standby one in
     /// fresh mode, or else a fresh store, with the invocation `calls`
     /// makes (instantiated on first [`Lease::call`]). In every case the
     /// invocation's own admission permits count the instance while it runs;
@@ -355,7 +353,7 @@ impl Lease {
                 }
             }
             Instances::Fresh(standby) => {
-                if let Some(Ready { mut store, instance, _permit }) = standby.take() {
+                if let Some(Claimed { mut store, instance }) = claimed.or_else(|| standby.claim()) {
                     // When the tenant's memory budget is spent, a fresh
                     // instantiation meets the same refusal, reported as the
                     // memory limit it is.
