@@ -553,11 +553,11 @@ enum FirstPoll {
     /// On the trigger's task when the lanes are idle: reuse mode.
     Trigger,
     /// On the trigger's task when the lanes are idle, but only up to the
-    /// instance work, which goes on in a lane: fresh mode with a standby
-    /// instance ready.
+    /// instance work, which goes on in a lane: fresh mode, with the standby
+    /// instance claimed at admission.
     TriggerThenLane,
-    /// In a lane: fresh mode with no standby instance ready (the job would
-    /// instantiate first).
+    /// In a lane: fresh mode with no standby instance claimed (the job
+    /// would instantiate first).
     Lane,
 }
 
@@ -723,10 +723,11 @@ impl Dispatcher {
     /// as much as the call itself (a fifth to a quarter of the CPU per
     /// message in core-sub-reuse and jetstream-ack-reuse), and in fresh
     /// mode it came before every request's call (BENCHMARKS.md, "The call
-    /// on the trigger's task in fresh mode too"). A reuse-mode invocation mostly finishes in that
-    /// poll (a reused instance, no host call that waits). A fresh-mode one
-    /// is polled here only when its standby instance is ready, and stops
-    /// after its call: its instance work (the drop and the next standby
+    /// on the trigger's task in fresh mode too"). A reuse-mode invocation
+    /// mostly finishes in that poll (a reused instance, no host call that
+    /// waits). A fresh-mode one is polled here only when its message
+    /// claimed the standby instance at admission, and stops after its
+    /// call: its instance work (the drop and the next standby
     /// instantiation, ~15 µs) must spread over the worker threads, and run
     /// on the trigger's task it cost core-sub a sixth of its throughput.
     /// The trigger yields before it hands that on, so that the connection
