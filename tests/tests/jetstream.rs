@@ -109,6 +109,12 @@ async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
     assert_eq!(info.num_redelivered, 0, "nothing was delivered twice: {info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 10_000);
 
+    // The guest acks and publishes its result during its call; the host
+    // counts the outcome when the invocation ends, a little later.
+    eventually(Duration::from_secs(10), "every invocation ended", || async {
+        [&host_a, &host_b].iter().all(|h| h.handler_stats("worker").is_some_and(|s| s.in_flight == 0))
+    })
+    .await;
     let a = host_a.handler_stats("worker").unwrap();
     let b = host_b.handler_stats("worker").unwrap();
     assert_eq!(a.invocations + b.invocations, 10_000, "a: {a:?}, b: {b:?}");
