@@ -74,6 +74,16 @@ async fn drained(js: &jetstream::Context, stream: &str, durable: &str) -> jetstr
     }
 }
 
+/// Waits until no invocation of `handler` is running. What an invocation
+/// did (an ack, a dead letter, a result) can be seen before the host counts
+/// its outcome, which happens when the invocation ends.
+async fn invocations_ended(host: &natsfn::RunningHost, handler: &str) {
+    eventually(Duration::from_secs(10), &format!("{handler}'s invocations to end"), || async {
+        host.handler_stats(handler).is_some_and(|s| s.in_flight == 0)
+    })
+    .await;
+}
+
 /// A worker whose messages survive a loaded machine: a short ack wait would
 /// let a slow CI box exhaust `max_deliver` on messages nobody failed.
 const WORKER: &str = r#"
@@ -109,12 +119,9 @@ async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
     assert_eq!(info.num_redelivered, 0, "nothing was delivered twice: {info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 10_000);
 
-    // The guest acks and publishes its result during its call; the host
-    // counts the outcome when the invocation ends, a little later.
-    eventually(Duration::from_secs(10), "every invocation ended", || async {
-        [&host_a, &host_b].iter().all(|h| h.handler_stats("worker").is_some_and(|s| s.in_flight == 0))
-    })
-    .await;
+    // The guest acks and publishes its result during its call.
+    invocations_ended(&host_a, "worker").await;
+    invocations_ended(&host_b, "worker").await;
     let a = host_a.handler_stats("worker").unwrap();
     let b = host_b.handler_stats("worker").unwrap();
     assert_eq!(a.invocations + b.invocations, 10_000, "a: {a:?}, b: {b:?}");
@@ -304,6 +311,7 @@ async fn a_trapping_handler_is_dead_lettered_at_once_or_retried_by_policy() {
     let (delivered, error) = &by_handler["nak"];
     assert_eq!(delivered, "2", "on_error = nak retries until max_deliver");
     assert!(error.starts_with("gave up after 2 deliveries: handler trapped"), "{error}");
+    invocations_ended(&host, "nak").await;
     assert_eq!(host.handler_stats("nak").unwrap().trapped, 2);
     host.shutdown().await;
 }
