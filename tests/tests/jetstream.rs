@@ -74,11 +74,13 @@ async fn drained(js: &jetstream::Context, stream: &str, durable: &str) -> jetstr
     }
 }
 
-/// Waits until no invocation of `handler` is running. What an invocation
-/// did (an ack, a dead letter, a result) can be seen before the host counts
-/// its outcome, which happens when the invocation ends.
-async fn invocations_ended(host: &natsfn::RunningHost, handler: &str) {
-    eventually(Duration::from_secs(10), &format!("{handler}'s invocations to end"), || async {
+/// Waits until every invocation of `handler` that started has its outcome
+/// counted (`in_flight` falls as it is). What an invocation did (an ack, a
+/// dead letter, a result) can be seen before that: the host counts the
+/// outcome after the call returns, and often only after its own ack or
+/// dead letter.
+async fn outcomes_counted(host: &natsfn::RunningHost, handler: &str) {
+    eventually(Duration::from_secs(10), &format!("{handler}'s outcomes to be counted"), || async {
         host.handler_stats(handler).is_some_and(|s| s.in_flight == 0)
     })
     .await;
@@ -120,8 +122,8 @@ async fn ten_thousand_messages_shared_by_two_hosts_each_processed_once() {
     assert_eq!(info.ack_floor.stream_sequence, 10_000);
 
     // The guest acks and publishes its result during its call.
-    invocations_ended(&host_a, "worker").await;
-    invocations_ended(&host_b, "worker").await;
+    outcomes_counted(&host_a, "worker").await;
+    outcomes_counted(&host_b, "worker").await;
     let a = host_a.handler_stats("worker").unwrap();
     let b = host_b.handler_stats("worker").unwrap();
     assert_eq!(a.invocations + b.invocations, 10_000, "a: {a:?}, b: {b:?}");
@@ -311,7 +313,7 @@ async fn a_trapping_handler_is_dead_lettered_at_once_or_retried_by_policy() {
     let (delivered, error) = &by_handler["nak"];
     assert_eq!(delivered, "2", "on_error = nak retries until max_deliver");
     assert!(error.starts_with("gave up after 2 deliveries: handler trapped"), "{error}");
-    invocations_ended(&host, "nak").await;
+    outcomes_counted(&host, "nak").await;
     assert_eq!(host.handler_stats("nak").unwrap().trapped, 2);
     host.shutdown().await;
 }

@@ -728,8 +728,9 @@ impl Dispatcher {
     /// waits). A fresh-mode one is polled here only when its message
     /// claimed the standby instance at admission, and stops after its
     /// call: its instance work (the drop and the next standby
-    /// instantiation, ~15 µs) must spread over the worker threads, and run
-    /// on the trigger's task it cost core-sub a sixth of its throughput.
+    /// instantiation, ~20 µs in place) must spread over the worker threads,
+    /// and run on the trigger's task it cost core-sub a sixth of its
+    /// throughput.
     /// The trigger yields before it hands that on, so that the connection
     /// task writes the reply before the lane is woken.
     ///
