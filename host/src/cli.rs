@@ -422,10 +422,11 @@ async fn run(args: RunArgs, tracer: Option<Tracer>) -> ExitCode {
             }
         }
     }
+    let signals = Signals::register();
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     println!("natsfn: ready, nats {url}, worker threads: {workers}");
 
-    let signal = serve_until_stopped(&running).await;
+    let signal = signals.serve_until_stopped(&running).await;
     println!("natsfn: {signal} received, shutting down");
     let report = running.shutdown().await;
     drop(local);
@@ -613,51 +614,82 @@ fn print_reload(report: &crate::ReloadReport) {
     }
 }
 
-/// Serves until SIGINT or SIGTERM, which it names. A SIGHUP on the way
-/// re-reads the handler directories, as daemons conventionally do, for
-/// deployments that replace files without `--watch`.
-async fn serve_until_stopped(running: &crate::RunningHost) -> &'static str {
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
+/// The signals that stop (SIGINT, SIGTERM) or reload (SIGHUP) a running
+/// host.
+///
+/// They are registered before the host prints "ready", not when it starts
+/// waiting for them: until a handler is registered a SIGTERM has its default
+/// action and kills the process outright, with no drain and exit status
+/// none. A supervisor, or a test, that signals as soon as it reads "ready"
+/// must find the handlers already in place, however late the main task is
+/// scheduled after that line. (Elsewhere than Unix only Ctrl-C stops the
+/// host, and it is awaited as tokio offers it.)
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => loop {
-                tokio::select! {
-                    s = &mut stop => return s,
-                    _ = hup.recv() => {
-                        println!("natsfn: SIGHUP received, reloading handlers");
-                        print_reload(&running.reload().await);
-                    }
-                }
-            },
-            Err(e) => tracing::warn!("cannot listen for SIGHUP, reload with --watch instead: {e}"),
-        }
-    }
-    stop.await
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
-/// Waits for SIGINT or SIGTERM and names the one that came.
-async fn shutdown_signal() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM, only SIGINT stops natsfn: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+impl Signals {
+    /// Registers the handlers; one that cannot be registered is warned about
+    /// and leaves that signal's default action in place.
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let register = |kind: SignalKind, name: &str, instead: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("cannot listen for {name}, {instead}: {e}");
+                    None
+                }
+            };
+            Signals {
+                interrupt: register(SignalKind::interrupt(), "SIGINT", "stop natsfn with SIGTERM"),
+                terminate: register(SignalKind::terminate(), "SIGTERM", "stop natsfn with SIGINT"),
+                hangup: register(SignalKind::hangup(), "SIGHUP", "reload with --watch instead"),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+
+    /// Serves until SIGINT or SIGTERM, which it names. A SIGHUP on the way
+    /// re-reads the handler directories, as daemons conventionally do, for
+    /// deployments that replace files without `--watch`.
+    async fn serve_until_stopped(mut self, running: &crate::RunningHost) -> &'static str {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                () = recv(&mut self.interrupt) => return "SIGINT",
+                () = recv(&mut self.terminate) => return "SIGTERM",
+                () = recv(&mut self.hangup) => {
+                    println!("natsfn: SIGHUP received, reloading handlers");
+                    print_reload(&running.reload().await);
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = running;
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
+}
+
+/// The next delivery of a registered signal; never, for one that is not
+/// registered, or once the runtime's signal driver is gone (a `None` from
+/// `recv`), so that `select!` always has a branch left to wait on.
+#[cfg(unix)]
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(s) = signal {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
