@@ -61,7 +61,10 @@ async fn the_next_message_finds_a_fresh_instance_made_ahead_of_it() {
     let reply = request(&client, "svc.echo", "hi").await;
     assert_eq!(header(&reply, "x-natsfn-calls"), Some("1"));
     // Counted once the instance is dropped, just after the reply.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(Duration::from_secs(10), "seven invocations ended", || async {
+        host.handler_stats("echo").unwrap().finished() == 7
+    })
+    .await;
     let stats = host.handler_stats("echo").unwrap();
     assert_eq!((stats.invocations, stats.ok, stats.trapped, stats.from_standby), (7, 6, 1, 6), "{stats:?}");
     assert!(host.shutdown().await.clean);

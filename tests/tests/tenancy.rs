@@ -87,9 +87,11 @@ async fn tenants_in_two_accounts_cannot_reach_each_other() {
         b.publish("shared.hello", "from b".into()).await.unwrap();
     }
     b.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), "B's handler ran B's 50 messages", || async {
+        host.handler_stats("b-greeter").unwrap().invocations == 51
+    })
+    .await;
     assert_eq!(host.handler_stats("a-greeter").unwrap().invocations, 1, "A's handler saw B's messages");
-    assert_eq!(host.handler_stats("b-greeter").unwrap().invocations, 51);
 
     // Publishing "into B" lands in A's own account: B never sees it.
     let mut b_inbox = b.subscribe("b.inbox").await.unwrap();
@@ -296,7 +298,10 @@ async fn tenant_limits_cap_handlers_payloads_and_sends() {
         let a = a.clone();
         tokio::spawn(async move { text(&request(&a, "attack", "hold 30 1500").await) })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(Duration::from_secs(10), "the first instance holding its 30 MiB", || async {
+        tenant_stats(&host, "a").memory_in_use >= 30 << 20
+    })
+    .await;
     let second = a
         .send_request(
             "attack",
