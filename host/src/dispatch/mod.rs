@@ -319,6 +319,7 @@ pub(crate) async fn invoke(
     delivery: Delivery,
     trace: Option<&Trace>,
     admission: &mut Admission,
+    arrivals: Option<&Arrivals>,
 ) {
     let (engine, nats) = (&dispatcher.engine, &handler.tenant.nats);
     handler.stats.started();
@@ -398,7 +399,19 @@ pub(crate) async fn invoke(
     let early = matches!(handler.instances, pool::Instances::Fresh(_)) && (replied || on_trigger_task());
     if early {
         handler.stats.finished(&outcome);
-        tokio::task::yield_now().await;
+        if replied && on_trigger_task() && nats.connection_state() == async_nats::connection::State::Connected {
+            // The connection task wakes this task once it has written the
+            // reply: see [`Dispatcher::start`] for why that, not a yield.
+            // Connected, so the flush does not wait for a reconnection; an
+            // error (the connection closed meanwhile) leaves nothing to
+            // wait for.
+            AWAITS_REPLY_WRITE.with(|a| a.set(true));
+            let _ = nats.flush().await;
+            AWAITS_REPLY_WRITE.with(|a| a.set(false));
+            give_way_to_arrivals(arrivals).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
     }
     lease.checkin(&handler.instances, clean, slot);
     if let (Some(js), Some(trigger)) = (jetstream, trigger) {
@@ -428,24 +441,62 @@ async fn round_trip(nats: &async_nats::Client) -> Result<(), async_nats::Error> 
     }
 }
 
-/// Polls `job` once on the current task. True when it finished (or
-/// panicked, which, as in a lane, is reported and ends only that
-/// invocation); false when it is still pending and must run on elsewhere.
-async fn poll_once<F: Future<Output = ()> + ?Sized>(mut job: Pin<&mut F>) -> bool {
+/// What one poll of a job on its trigger's task left it as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Polled {
+    /// It finished (or panicked, which, as in a lane, is reported and ends
+    /// only that invocation).
+    Finished,
+    /// It replied and waits for the connection task to write the reply,
+    /// which wakes this task.
+    AwaitsReplyWrite,
+    /// It waits for something else, or yielded: it must run on elsewhere.
+    Pending,
+}
+
+/// Polls `job` once on the current task.
+async fn poll_once<F: Future<Output = ()> + ?Sized>(mut job: Pin<&mut F>) -> Polled {
     std::future::poll_fn(|cx| {
         ON_TRIGGER_TASK.with(|on| on.set(true));
+        AWAITS_REPLY_WRITE.with(|a| a.set(false));
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.as_mut().poll(cx)));
         ON_TRIGGER_TASK.with(|on| on.set(false));
+        let awaits_reply_write = AWAITS_REPLY_WRITE.with(|a| a.replace(false));
         std::task::Poll::Ready(match polled {
-            Ok(std::task::Poll::Ready(())) => true,
-            Ok(std::task::Poll::Pending) => false,
+            Ok(std::task::Poll::Ready(())) => Polled::Finished,
+            Ok(std::task::Poll::Pending) if awaits_reply_write => Polled::AwaitsReplyWrite,
+            Ok(std::task::Poll::Pending) => Polled::Pending,
             Err(_) => {
                 tracing::error!("an invocation panicked; the trigger goes on");
-                true
+                Polled::Finished
             }
         })
     })
     .await
+}
+
+/// On the trigger's task, yields if messages have arrived since the job was
+/// made, so that the rest of its instance work goes on in a lane and the
+/// trigger reads them. See [`Dispatcher::start`].
+async fn give_way_to_arrivals(arrivals: Option<&Arrivals>) {
+    if on_trigger_task() && !arrivals.is_some_and(Arrivals::none_since) {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Pending on its first poll, ready on the next, and never wakes its task
+/// itself: for a caller whose job is pending and so has registered the
+/// task's waker with whatever it waits for.
+async fn woken() {
+    let mut polled = false;
+    std::future::poll_fn(|_| {
+        if std::mem::replace(&mut polled, true) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Names what stopped a guest. An interrupt can only be the deadline; a
@@ -547,6 +598,28 @@ pub(crate) struct ReadyJob<F> {
     first_poll: FirstPoll,
 }
 
+/// A connection's count of messages received, and its value when a job
+/// that may reply on its trigger's task was made.
+pub(crate) struct Arrivals {
+    stats: Arc<async_nats::Statistics>,
+    seen: u64,
+}
+
+impl Arrivals {
+    fn now(nats: &async_nats::Client) -> Arrivals {
+        let stats = nats.statistics();
+        let seen = stats.in_messages.load(Ordering::Relaxed);
+        Arrivals { stats, seen }
+    }
+
+    /// Whether the connection has received no message since. It counts a
+    /// message before it hands it to its subscription, so none is waiting
+    /// for any trigger of the connection.
+    fn none_since(&self) -> bool {
+        self.stats.in_messages.load(Ordering::Relaxed) == self.seen
+    }
+}
+
 /// Where a job is first polled ([`Dispatcher::start`] says why).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FirstPoll {
@@ -565,6 +638,9 @@ thread_local! {
     /// Whether the job being polled on this thread is polled by its
     /// trigger's task ([`poll_once`]), not by a lane.
     static ON_TRIGGER_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set by such a job while it waits for its reply to be written
+    /// ([`Polled::AwaitsReplyWrite`]).
+    static AWAITS_REPLY_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Whether the invocation polling this is on its trigger's task: there, a
@@ -734,6 +810,23 @@ impl Dispatcher {
     /// The trigger yields before it hands that on, so that the connection
     /// task writes the reply before the lane is woken.
     ///
+    /// Except after a reply: there the job waits for the connection task
+    /// to write it (a flush, whose completion wakes the trigger's task from
+    /// the connection task's own poll), then, if no message has arrived on
+    /// the connection since the job was made, does its instance work right
+    /// here. A yield would do the ordering as well, but tokio wakes a yielded
+    /// task only once its worker has looked for other work, and a worker
+    /// that looked wakes the other worker when it then finds the yielded
+    /// task: one needless wake-up of a parked thread per request. A lane
+    /// woken after the reply costs the same wake-up another way (tokio runs
+    /// at most three tasks in a row from its LIFO slot; the connection, the
+    /// trigger, the connection again, then the lane goes to the queue and
+    /// another worker is woken for it). In req-reply-128 and req-reply-16k
+    /// this took the CPU per request down by about a fifth and p50 to within
+    /// 1.0-1.13x of native in most pairs (BENCHMARKS.md, "Waking the other
+    /// worker after each reply"). When messages are waiting, the instance
+    /// work goes to a lane as before, so that the trigger reads them.
+    ///
     /// One that is still pending (the instance work, a host call waits,
     /// the guest yielded at an epoch tick, or the trigger task's
     /// cooperative budget ran out) moves on to a lane, which polls it again
@@ -763,12 +856,20 @@ impl Dispatcher {
         let mut boxed = spare.fill(future, || lanes.returned_box());
         async move {
             if first_poll != FirstPoll::Lane && lanes.idle_on_host_threads() {
-                if poll_once(boxed.as_mut()).await {
-                    spare.keep(boxed);
-                    return;
-                }
-                if first_poll == FirstPoll::TriggerThenLane {
-                    tokio::task::yield_now().await;
+                match poll_once(boxed.as_mut()).await {
+                    Polled::Finished => {
+                        spare.keep(boxed);
+                        return;
+                    }
+                    Polled::AwaitsReplyWrite => {
+                        woken().await;
+                        if lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await == Polled::Finished {
+                            spare.keep(boxed);
+                            return;
+                        }
+                    }
+                    Polled::Pending if first_poll == FirstPoll::TriggerThenLane => tokio::task::yield_now().await,
+                    Polled::Pending => {}
                 }
             }
             lanes.run(boxed, &self.invocations);
@@ -790,6 +891,12 @@ impl Dispatcher {
             (pool::Instances::Reuse(_), _) => FirstPoll::Trigger,
             (pool::Instances::Fresh(_), Some(_)) => FirstPoll::TriggerThenLane,
             (pool::Instances::Fresh(_), None) => FirstPoll::Lane,
+        };
+        let arrivals = match (&delivery, first_poll) {
+            (Delivery::Core(msg), FirstPoll::TriggerThenLane) if msg.reply.is_some() => {
+                Some(Arrivals::now(&handler.tenant.nats))
+            }
+            _ => None,
         };
         // One reference count, not a clone of every field: cloning the
         // cancellation token takes a lock, and the engine's cache path
@@ -816,7 +923,14 @@ impl Dispatcher {
                 // Pinned where it is made and from then on used by reference:
                 // the invocation's state is kilobytes, and each move of it by
                 // value (into a wrapper, into `select!`) would copy all of it.
-                let mut invocation = std::pin::pin!(invoke(&this, &handler, delivery, trace.as_ref(), &mut admission));
+                let mut invocation = std::pin::pin!(invoke(
+                    &this,
+                    &handler,
+                    delivery,
+                    trace.as_ref(),
+                    &mut admission,
+                    arrivals.as_ref()
+                ));
                 // Current while the invocation is polled, so guest stdout and
                 // stderr lines find their span.
                 let run = async {
@@ -848,6 +962,7 @@ impl Dispatcher {
             // Still a tracked task, so shutdown does not drop the engine
             // from under it.
             if let pool::Instances::Fresh(standby) = &handler.instances {
+                give_way_to_arrivals(arrivals.as_ref()).await;
                 let calls = || {
                     let deadline = Instant::now() + handler.manifest.limits.timeout;
                     let message = MessageCalls { deadline, jetstream: None, trace: None };
@@ -871,19 +986,40 @@ mod tests {
     #[tokio::test]
     async fn poll_once_tells_finished_from_pending_and_survives_a_panic() {
         let mut done: Job = Box::pin(async {});
-        assert!(poll_once(done.as_mut()).await, "a job that finishes in its first poll");
+        assert_eq!(poll_once(done.as_mut()).await, Polled::Finished, "a job that finishes in its first poll");
 
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut waiting: Job = Box::pin(async move {
             let _ = rx.await;
         });
-        assert!(!poll_once(waiting.as_mut()).await, "a job that waits is still pending");
+        assert_eq!(poll_once(waiting.as_mut()).await, Polled::Pending, "a job that waits is still pending");
         // Moved on, it finishes where it is polled next.
         let _ = tx.send(());
         waiting.await;
 
         let mut panicking: Job = Box::pin(async { panic!("a host bug") });
-        assert!(poll_once(panicking.as_mut()).await, "a panic ends that job, not the caller");
+        assert_eq!(poll_once(panicking.as_mut()).await, Polled::Finished, "a panic ends that job, not the caller");
+    }
+
+    #[tokio::test]
+    async fn a_job_waiting_for_its_reply_write_says_so_and_wakes_its_trigger() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut job: Job = Box::pin(async move {
+            AWAITS_REPLY_WRITE.with(|a| a.set(true));
+            let _ = rx.await;
+            AWAITS_REPLY_WRITE.with(|a| a.set(false));
+        });
+        assert_eq!(poll_once(job.as_mut()).await, Polled::AwaitsReplyWrite);
+        assert!(!AWAITS_REPLY_WRITE.with(std::cell::Cell::get), "read once, then cleared");
+        // The trigger waits in `woken` until the job's wake-up (here the
+        // "write") brings it back, then polls the job on.
+        let wake = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            let _ = tx.send(());
+        });
+        woken().await;
+        assert_eq!(poll_once(job.as_mut()).await, Polled::Finished);
+        wake.await.unwrap();
     }
 
     #[tokio::test]
@@ -895,7 +1031,7 @@ mod tests {
             tokio::task::yield_now().await;
             record.lock().unwrap().push(on_trigger_task());
         });
-        assert!(!poll_once(job.as_mut()).await, "the job yielded");
+        assert_eq!(poll_once(job.as_mut()).await, Polled::Pending, "the job yielded");
         assert!(!on_trigger_task(), "only while the trigger polls");
         // Polled on, as a lane would.
         job.await;
