@@ -391,11 +391,13 @@ pub(crate) async fn invoke(
         report(manifest, received.subject.as_str(), &outcome);
     }
     // A fresh instance's drop (and the standby refill after it) takes tens
-    // of microseconds. Before it, yield: the connection task, woken by the
-    // reply, runs on this thread only once this task does, so it writes the
-    // reply first; and on the trigger's task the yield leaves the instance
-    // work to a lane ([`Dispatcher::start`]). The outcome is counted first,
-    // so whoever got the reply finds it counted.
+    // of microseconds. Before it, let the connection task, woken by the
+    // reply, write the reply: it runs on this thread only once this task
+    // stops. In a lane a yield does that; on the trigger's task, after a
+    // reply, waiting for the reply's flush does, and the instance work may
+    // then go on here; without a reply the yield leaves the instance work
+    // to a lane ([`Dispatcher::start`] says why each). The outcome is
+    // counted first, so whoever got the reply finds it counted.
     let early = matches!(handler.instances, pool::Instances::Fresh(_)) && (replied || on_trigger_task());
     if early {
         handler.stats.finished(&outcome);
@@ -596,10 +598,14 @@ pub(crate) struct Dispatcher {
 pub(crate) struct ReadyJob<F> {
     future: F,
     first_poll: FirstPoll,
+    /// The job's [`Arrivals`], for a job that may reply on its trigger's
+    /// task: the trigger looks before it polls the job on.
+    arrivals: Option<Arrivals>,
 }
 
 /// A connection's count of messages received, and its value when a job
 /// that may reply on its trigger's task was made.
+#[derive(Clone)]
 pub(crate) struct Arrivals {
     stats: Arc<async_nats::Statistics>,
     seen: u64,
@@ -822,9 +828,9 @@ impl Dispatcher {
     /// at most three tasks in a row from its LIFO slot; the connection, the
     /// trigger, the connection again, then the lane goes to the queue and
     /// another worker is woken for it). In req-reply-128 and req-reply-16k
-    /// this took the CPU per request down by about a fifth and p50 to within
-    /// 1.0-1.13x of native in most pairs (BENCHMARKS.md, "Waking the other
-    /// worker after each reply"). When messages are waiting, the instance
+    /// this took the CPU per request down by about a fifth and p50 to
+    /// 1.00-1.12x of native in six of seven pairs (BENCHMARKS.md, "Waking the
+    /// other worker after each reply"). When messages are waiting, the instance
     /// work goes to a lane as before, so that the trigger reads them.
     ///
     /// One that is still pending (the instance work, a host call waits,
@@ -852,7 +858,7 @@ impl Dispatcher {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let ReadyJob { future, first_poll } = job;
+        let ReadyJob { future, first_poll, arrivals } = job;
         let mut boxed = spare.fill(future, || lanes.returned_box());
         async move {
             if first_poll != FirstPoll::Lane && lanes.idle_on_host_threads() {
@@ -863,7 +869,9 @@ impl Dispatcher {
                     }
                     Polled::AwaitsReplyWrite => {
                         woken().await;
-                        if lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await == Polled::Finished {
+                        let quiet = arrivals.as_ref().is_some_and(Arrivals::none_since);
+                        if quiet && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await == Polled::Finished
+                        {
                             spare.keep(boxed);
                             return;
                         }
@@ -898,6 +906,7 @@ impl Dispatcher {
             }
             _ => None,
         };
+        let trigger_arrivals = arrivals.clone();
         // One reference count, not a clone of every field: cloning the
         // cancellation token takes a lock, and the engine's cache path
         // would be copied, for every message.
@@ -972,7 +981,7 @@ impl Dispatcher {
             }
             drop(tracked);
         };
-        ReadyJob { future, first_poll }
+        ReadyJob { future, first_poll, arrivals: trigger_arrivals }
     }
 }
 
