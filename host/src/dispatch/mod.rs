@@ -319,7 +319,6 @@ pub(crate) async fn invoke(
     delivery: Delivery,
     trace: Option<&Trace>,
     admission: &mut Admission,
-    arrivals: Option<&Arrivals>,
 ) {
     let (engine, nats) = (&dispatcher.engine, &handler.tenant.nats);
     handler.stats.started();
@@ -410,7 +409,6 @@ pub(crate) async fn invoke(
             AWAITS_REPLY_WRITE.with(|a| a.set(true));
             let _ = nats.flush().await;
             AWAITS_REPLY_WRITE.with(|a| a.set(false));
-            give_way_to_arrivals(arrivals).await;
         } else {
             tokio::task::yield_now().await;
         }
@@ -606,7 +604,7 @@ pub(crate) struct ReadyJob<F> {
 /// A connection's count of messages received, and its value when a job
 /// that may reply on its trigger's task was made.
 #[derive(Clone)]
-pub(crate) struct Arrivals {
+struct Arrivals {
     stats: Arc<async_nats::Statistics>,
     seen: u64,
 }
@@ -932,14 +930,7 @@ impl Dispatcher {
                 // Pinned where it is made and from then on used by reference:
                 // the invocation's state is kilobytes, and each move of it by
                 // value (into a wrapper, into `select!`) would copy all of it.
-                let mut invocation = std::pin::pin!(invoke(
-                    &this,
-                    &handler,
-                    delivery,
-                    trace.as_ref(),
-                    &mut admission,
-                    arrivals.as_ref()
-                ));
+                let mut invocation = std::pin::pin!(invoke(&this, &handler, delivery, trace.as_ref(), &mut admission));
                 // Current while the invocation is polled, so guest stdout and
                 // stderr lines find their span.
                 let run = async {
