@@ -826,10 +826,10 @@ impl Dispatcher {
     /// at most three tasks in a row from its LIFO slot; the connection, the
     /// trigger, the connection again, then the lane goes to the queue and
     /// another worker is woken for it). In req-reply-128 and req-reply-16k
-    /// this took the CPU per request down by about a fifth and p50 to
-    /// 1.00-1.12x of native in six of seven pairs (BENCHMARKS.md, "Waking the
-    /// other worker after each reply"). When messages are waiting, the instance
-    /// work goes to a lane as before, so that the trigger reads them.
+    /// this took the CPU per request down by about a fifth and brought p50
+    /// and p99 closer to native's (BENCHMARKS.md, "Waking the other worker
+    /// after each reply"). When messages are waiting, the instance work goes
+    /// to a lane as before, so that the trigger reads them.
     ///
     /// One that is still pending (the instance work, a host call waits,
     /// the guest yielded at an epoch tick, or the trigger task's
@@ -860,22 +860,23 @@ impl Dispatcher {
         let mut boxed = spare.fill(future, || lanes.returned_box());
         async move {
             if first_poll != FirstPoll::Lane && lanes.idle_on_host_threads() {
-                match poll_once(boxed.as_mut()).await {
-                    Polled::Finished => {
-                        spare.keep(boxed);
-                        return;
-                    }
+                let finished = match poll_once(boxed.as_mut()).await {
+                    Polled::Finished => true,
                     Polled::AwaitsReplyWrite => {
                         woken().await;
                         let quiet = arrivals.as_ref().is_some_and(Arrivals::none_since);
-                        if quiet && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await == Polled::Finished
-                        {
-                            spare.keep(boxed);
-                            return;
-                        }
+                        quiet && lanes.idle_on_host_threads() && poll_once(boxed.as_mut()).await == Polled::Finished
                     }
-                    Polled::Pending if first_poll == FirstPoll::TriggerThenLane => tokio::task::yield_now().await,
-                    Polled::Pending => {}
+                    Polled::Pending => {
+                        if first_poll == FirstPoll::TriggerThenLane {
+                            tokio::task::yield_now().await;
+                        }
+                        false
+                    }
+                };
+                if finished {
+                    spare.keep(boxed);
+                    return;
                 }
             }
             lanes.run(boxed, &self.invocations);
