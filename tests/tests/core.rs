@@ -60,13 +60,35 @@ async fn the_next_message_finds_a_fresh_instance_made_ahead_of_it() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let reply = request(&client, "svc.echo", "hi").await;
     assert_eq!(header(&reply, "x-natsfn-calls"), Some("1"));
-    // Counted once the instance is dropped, just after the reply.
-    eventually(Duration::from_secs(10), "seven invocations ended", || async {
-        host.handler_stats("echo").unwrap().finished() == 7
-    })
-    .await;
     let stats = host.handler_stats("echo").unwrap();
     assert_eq!((stats.invocations, stats.ok, stats.trapped, stats.from_standby), (7, 6, 1, 6), "{stats:?}");
+    assert!(host.shutdown().await.clean);
+}
+
+/// Whoever gets a reply finds its invocation counted, fresh or reused,
+/// though the instance's drop or check-in comes after the reply. Two
+/// workers, so the requester can read the counters while the invocation
+/// that replied is still on the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replied_invocation_is_counted_before_its_reply_goes_out() {
+    let server = nats();
+    let dir = HandlerDir::new();
+    dir.add("fresh", "fresh", "echo", "[[trigger]]\nsubject = \"count.fresh\"").add(
+        "reused",
+        "reused",
+        "echo",
+        "instance = \"reuse\"\n[[trigger]]\nsubject = \"count.reused\"",
+    );
+    let host = start_host(&server, &dir).await;
+    let client = client(&server).await;
+
+    for name in ["fresh", "reused"] {
+        for i in 1..=300 {
+            request(&client, &format!("count.{name}"), "hi").await;
+            let stats = host.handler_stats(name).unwrap();
+            assert_eq!(stats.ok, i, "{name}: reply {i} came before its invocation was counted: {stats:?}");
+        }
+    }
     assert!(host.shutdown().await.clean);
 }
 

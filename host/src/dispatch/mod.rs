@@ -221,8 +221,10 @@ pub struct HandlerStats {
 }
 
 impl HandlerStats {
-    /// Invocations that have ended, however they ended (for JetStream,
-    /// after the message was settled).
+    /// Invocations that have ended, however they ended. A core message's
+    /// invocation counts as ended before its reply is sent, so whoever got
+    /// the reply finds it counted; a JetStream one once its message is
+    /// settled.
     pub fn finished(&self) -> u64 {
         self.ok + self.failed + self.trapped + self.timed_out + self.memory_limit + self.out_of_fuel
     }
@@ -355,22 +357,27 @@ pub(crate) async fn invoke(
             Poll::Pending => tokio::time::timeout_at(deadline, call).await,
         }
     };
-    let mut replied = false;
-    let outcome = match result {
-        Err(_elapsed) => Outcome::TimedOut,
-        Ok(Err(err)) => classify_trap(&err, lease.store.data().hit_memory_limit()),
-        Ok(Ok(Err(handler_error))) => Outcome::Failed(handler_error),
-        Ok(Ok(Ok(reply))) => {
-            if let (Some(reply), Some(to)) = (reply, &received.reply) {
-                // Boxed: async-nats' publish future is most of a kilobyte,
-                // and unboxed it made every invocation's state (copied into
-                // its box per message) that much larger, reply or not.
-                Box::pin(send_reply(nats, manifest, to, reply)).await;
-                replied = true;
-            }
-            Outcome::Ok
-        }
+    let (outcome, reply) = match result {
+        Err(_elapsed) => (Outcome::TimedOut, None),
+        Ok(Err(err)) => (classify_trap(&err, lease.store.data().hit_memory_limit()), None),
+        Ok(Ok(Err(handler_error))) => (Outcome::Failed(handler_error), None),
+        Ok(Ok(Ok(reply))) => (Outcome::Ok, reply),
     };
+    // A core invocation is counted before its reply goes out, so whoever
+    // gets the reply finds it counted; a JetStream one once its message is
+    // settled.
+    let settles = trigger.is_some();
+    if !settles {
+        handler.stats.finished(&outcome);
+    }
+    let mut replied = false;
+    if let (Some(reply), Some(to)) = (reply, &received.reply) {
+        // Boxed: async-nats' publish future is most of a kilobyte, and
+        // unboxed it made every invocation's state (copied into its box per
+        // message) that much larger, reply or not.
+        Box::pin(send_reply(nats, manifest, to, reply)).await;
+        replied = true;
+    }
     handler.stats.memory(lease.store.data().peak_memory());
     if lease.store.data().hit_tenant_memory() {
         handler.tenant.count_memory_refused();
@@ -395,11 +402,9 @@ pub(crate) async fn invoke(
     // stops. In a lane a yield does that; on the trigger's task, after a
     // reply, waiting for the reply's flush does, and the instance work may
     // then go on here; without a reply the yield leaves the instance work
-    // to a lane ([`Dispatcher::start`] says why each). The outcome is
-    // counted first, so whoever got the reply finds it counted.
+    // to a lane ([`Dispatcher::start`] says why each).
     let early = matches!(handler.instances, pool::Instances::Fresh(_)) && (replied || on_trigger_task());
     if early {
-        handler.stats.finished(&outcome);
         if replied && on_trigger_task() && nats.connection_state() == async_nats::connection::State::Connected {
             // The connection task wakes this task once it has written the
             // reply: see [`Dispatcher::start`] for why that, not a yield.
@@ -420,7 +425,7 @@ pub(crate) async fn invoke(
         // invocation's state.
         Box::pin(settle::settle(js, &received, &trigger, &outcome, manifest, nats, &handler.stats)).await;
     }
-    if !early {
+    if settles {
         handler.stats.finished(&outcome);
     }
 }
