@@ -350,6 +350,7 @@ async fn ack_pending_never_exceeds_max_concurrency() {
     // still count on the server while its next one is delivered: at most
     // twice the slots. Pulling past the permits (batch = 10) would show here.
     assert!((1..=4).contains(&peak), "ack pending peaked at {peak}, bound is 2 slots + 2 acks in flight");
+    outcomes_counted(&host, "slow").await;
     let stats = host.handler_stats("slow").unwrap();
     assert_eq!((stats.acked, stats.peak_in_flight), (20, 2));
     host.shutdown().await;
@@ -462,6 +463,7 @@ async fn in_progress_keeps_a_long_job_from_being_redelivered() {
     js.publish("long", "job".into()).await.unwrap().await.unwrap();
     let info = drained(&js, "LONG", "long").await;
     assert_eq!(info.num_redelivered, 0);
+    outcomes_counted(&host, "slow").await;
     let stats = host.handler_stats("slow").unwrap();
     assert_eq!((stats.invocations, stats.acked), (1, 1), "one delivery, though the job took 3x the ack wait");
     host.shutdown().await;
@@ -475,6 +477,7 @@ async fn msg_id_makes_a_redelivered_write_idempotent() {
     let published_from = std::time::SystemTime::now();
     publish_numbered(&js, "work", 50).await;
     drained(&js, "WORK", "workers").await;
+    outcomes_counted(&host, "worker").await;
     let stats = host.handler_stats("worker").unwrap();
     assert_eq!((stats.invocations, stats.naked), (100, 50), "every message written, retried and written again");
     assert_eq!(stream_len(&js, "RESULTS").await, 50, "the second write of each was deduplicated");

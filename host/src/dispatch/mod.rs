@@ -363,6 +363,10 @@ pub(crate) async fn invoke(
         Ok(Ok(Err(handler_error))) => (Outcome::Failed(handler_error), None),
         Ok(Ok(Ok(reply))) => (Outcome::Ok, reply),
     };
+    handler.stats.memory(lease.store.data().peak_memory());
+    if lease.store.data().hit_tenant_memory() {
+        handler.tenant.count_memory_refused();
+    }
     // A core invocation is counted before its reply goes out, so whoever
     // gets the reply finds it counted; a JetStream one once its message is
     // settled.
@@ -377,10 +381,6 @@ pub(crate) async fn invoke(
         // message) that much larger, reply or not.
         Box::pin(send_reply(nats, manifest, to, reply)).await;
         replied = true;
-    }
-    handler.stats.memory(lease.store.data().peak_memory());
-    if lease.store.data().hit_tenant_memory() {
-        handler.tenant.count_memory_refused();
     }
     let jetstream = lease.store.data_mut().calls.jetstream.take();
     // Only an instance whose call ended as the guest meant it to may serve
