@@ -26,6 +26,7 @@ pub(crate) use lanes::Lanes;
 pub(crate) use span::Origin;
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -598,12 +599,35 @@ pub(crate) struct Dispatcher {
 
 /// One admitted message's invocation, not yet started: see
 /// [`Dispatcher::job`] and [`Dispatcher::start`].
-pub(crate) struct ReadyJob<F> {
-    future: F,
+pub(crate) struct ReadyJob<M> {
+    /// Makes the job's future, in the box it will run in
+    /// ([`SpareJob::fill`]).
+    make: M,
     first_poll: FirstPoll,
     /// The job's [`Arrivals`], for a job that may reply on its trigger's
     /// task: the trigger looks before it polls the job on.
     arrivals: Option<Arrivals>,
+}
+
+/// What makes an admitted message's job: [`Dispatcher::job`]'s closure.
+/// A trait of its own only so that the future it makes can be named.
+pub(crate) trait MakeJob {
+    /// The job's future.
+    type Job: Future<Output = ()> + Send + 'static;
+    /// Makes it.
+    fn make(self) -> Self::Job;
+}
+
+impl<M, F> MakeJob for M
+where
+    M: FnOnce() -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    type Job = F;
+
+    fn make(self) -> F {
+        self()
+    }
 }
 
 /// A connection's count of messages received, and its value when a job
@@ -665,7 +689,13 @@ fn on_trigger_task() -> bool {
 /// futures included), boxed so that handing it to a lane moves a pointer;
 /// that size is past the allocator's per-thread cache, and allocating and
 /// freeing it for every message was 3-4 % of the host's CPU in reuse mode.
-pub(crate) struct SpareJob<F>(Option<Pin<Box<F>>>);
+///
+/// Kept empty (its last job dropped), so that the next job is made
+/// straight into it rather than made and then moved in: each move of a
+/// job is a copy of all of it, and the three there were per message came
+/// to about 1 000 instructions per message and 3 % of the workers' time in
+/// core-sub-reuse (BENCHMARKS.md, "Counted instructions").
+pub(crate) struct SpareJob<F>(Option<Box<MaybeUninit<F>>>);
 
 impl<F> Default for SpareJob<F> {
     fn default() -> Self {
@@ -674,21 +704,34 @@ impl<F> Default for SpareJob<F> {
 }
 
 impl<F: Future<Output = ()>> SpareJob<F> {
-    /// `job` in the spare box, else in the box `returned` gives back, else
-    /// in a new one.
-    fn fill(&mut self, job: F, returned: impl FnOnce() -> Option<Pin<Box<F>>>) -> Pin<Box<F>> {
-        match self.0.take().or_else(returned) {
-            Some(mut spare) => {
-                spare.set(job);
-                spare
-            }
-            None => Box::pin(job),
-        }
+    /// The job `make` makes, made in the spare box, else in the box
+    /// `returned` gives back, else in a new one.
+    fn fill(&mut self, make: impl FnOnce() -> F, returned: impl FnOnce() -> Option<Pin<Box<F>>>) -> Pin<Box<F>> {
+        let mut slot = match self.0.take() {
+            Some(slot) => slot,
+            None => returned().map_or_else(Box::new_uninit, emptied),
+        };
+        slot.write(make());
+        // SAFETY: written just above.
+        Box::into_pin(unsafe { slot.assume_init() })
     }
 
     /// Keeps the box of a job that finished.
     fn keep(&mut self, done: Pin<Box<F>>) {
-        self.0 = Some(done);
+        self.0 = Some(emptied(done));
+    }
+}
+
+/// The box of `job`, its future dropped.
+fn emptied<F>(job: Pin<Box<F>>) -> Box<MaybeUninit<F>> {
+    // SAFETY: the future is dropped where it is before its memory can be
+    // used again, as `Pin` requires, and nothing reads it afterwards.
+    // `MaybeUninit<F>` has `F`'s layout, so the box frees the allocation
+    // with the layout it was made with.
+    unsafe {
+        let raw = Box::into_raw(Pin::into_inner_unchecked(job));
+        std::ptr::drop_in_place(raw);
+        Box::from_raw(raw.cast::<MaybeUninit<F>>())
     }
 }
 
@@ -851,18 +894,16 @@ impl Dispatcher {
     /// The job is boxed when this is called, not when the returned future is
     /// first polled: its state is kilobytes, and an `async fn` would first
     /// move it into its own future, then out of that into the box, two
-    /// copies of all of it per message.
-    pub(crate) fn start<'a, F>(
+    /// copies of all of it per message. It is made in the box, too, not
+    /// made and moved in ([`SpareJob`]).
+    pub(crate) fn start<'a, M: MakeJob>(
         &'a self,
-        lanes: &'a lanes::Lanes<F>,
-        job: ReadyJob<F>,
-        spare: &'a mut SpareJob<F>,
-    ) -> impl Future<Output = ()> + 'a
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let ReadyJob { future, first_poll, arrivals } = job;
-        let mut boxed = spare.fill(future, || lanes.returned_box());
+        lanes: &'a lanes::Lanes<M::Job>,
+        job: ReadyJob<M>,
+        spare: &'a mut SpareJob<M::Job>,
+    ) -> impl Future<Output = ()> + 'a {
+        let ReadyJob { make, first_poll, arrivals } = job;
+        let mut boxed = spare.fill(|| make.make(), || lanes.returned_box());
         async move {
             if first_poll != FirstPoll::Lane && lanes.idle_on_host_threads() {
                 let finished = match poll_once(boxed.as_mut()).await {
@@ -891,14 +932,15 @@ impl Dispatcher {
     /// The whole of one invocation as a future, for [`Dispatcher::start`]:
     /// `delivery` run through `handler`, holding `admission` until it ends,
     /// in its span (`origin` is what the trigger knows about the message's
-    /// source), cut off at the shutdown deadline.
+    /// source), cut off at the shutdown deadline. Returns what makes that
+    /// future, for [`Dispatcher::start`] to make it where it will run.
     pub(crate) fn job(
         self: &Arc<Self>,
         handler: Arc<LoadedHandler>,
         origin: Arc<Origin>,
         delivery: Delivery,
         mut admission: Admission,
-    ) -> ReadyJob<impl Future<Output = ()> + Send + 'static> {
+    ) -> ReadyJob<impl MakeJob> {
         let first_poll = match (&handler.instances, &admission.claimed) {
             (pool::Instances::Reuse(_), _) => FirstPoll::Trigger,
             (pool::Instances::Fresh(_), Some(_)) => FirstPoll::TriggerThenLane,
@@ -918,7 +960,7 @@ impl Dispatcher {
         // Counts as a task of the tracker, so shutdown waits for (and
         // counts) invocations, wherever they run.
         let tracked = self.invocations.token();
-        let future = async move {
+        let make = move || async move {
             let trace = this.tracer.as_ref().map(|tracer| match &delivery {
                 Delivery::Core(msg) => span::InvocationSpan::new(&handler, msg, &origin).start(tracer),
                 Delivery::JetStream(received, _) => {
@@ -978,7 +1020,7 @@ impl Dispatcher {
             }
             drop(tracked);
         };
-        ReadyJob { future, first_poll, arrivals: trigger_arrivals }
+        ReadyJob { make, first_poll, arrivals: trigger_arrivals }
     }
 }
 
@@ -1054,17 +1096,38 @@ mod tests {
             }
         };
         let mut spare = SpareJob::default();
-        let mut first = spare.fill(job(1), || None);
+        let mut first = spare.fill(|| job(1), || None);
         let allocation = std::ptr::from_ref(&*first).addr();
         first.as_mut().await;
         spare.keep(first);
-        let mut second = spare.fill(job(10), || None);
+        let mut second = spare.fill(|| job(10), || None);
         assert_eq!(std::ptr::from_ref(&*second).addr(), allocation, "no new box");
         second.as_mut().await;
         assert_eq!(runs.load(Ordering::Relaxed), 11, "both jobs ran, each once");
         // Without a spare, a new box.
-        let mut third = spare.fill(job(100), || None);
+        let mut third = spare.fill(|| job(100), || None);
         third.as_mut().await;
         assert_eq!(runs.load(Ordering::Relaxed), 111);
+        // A box handed back by the lanes carries the next job too.
+        let fourth = spare.fill(|| job(1000), || Some(third));
+        assert_eq!(runs.load(Ordering::Relaxed), 111, "made, not run");
+        fourth.await;
+        assert_eq!(runs.load(Ordering::Relaxed), 1111);
+    }
+
+    #[test]
+    fn a_kept_box_drops_what_its_job_still_held() {
+        let held = Arc::new(());
+        let job = |held: Option<Arc<()>>| async move {
+            drop(held);
+        };
+        let mut spare = SpareJob::default();
+        let never_run = spare.fill(|| job(Some(held.clone())), || None);
+        assert_eq!(Arc::strong_count(&held), 2);
+        spare.keep(never_run);
+        assert_eq!(Arc::strong_count(&held), 1, "dropped when kept, not leaked in the box");
+        let next = spare.fill(|| job(None), || None);
+        drop(next);
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 }
