@@ -751,9 +751,17 @@ impl Dispatcher {
     /// Waits until `handler` may start one more invocation. While this
     /// waits, the trigger reads no more messages: that is the back-pressure.
     pub(crate) async fn admit(&self, handler: &LoadedHandler) -> Admission {
-        // The semaphores are never closed, so acquiring cannot fail.
-        #[allow(clippy::expect_used)]
-        let handler_permit = handler.permits.clone().acquire_owned().await.expect("handler semaphore is never closed");
+        // A free permit is taken without making a waiter for the queue:
+        // tokio's `Acquire`, made, polled and dropped for every message, was
+        // about 250 instructions per message (BENCHMARKS.md, "Counted
+        // instructions"). A permit is only free when nobody waits for one,
+        // so this never overtakes a waiting trigger.
+        let handler_permit = match handler.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            // The semaphores are never closed, so acquiring cannot fail.
+            #[allow(clippy::expect_used)]
+            Err(_) => handler.permits.clone().acquire_owned().await.expect("handler semaphore is never closed"),
+        };
         self.admit_reserved(handler, handler_permit).await
     }
 
