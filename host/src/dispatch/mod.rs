@@ -1117,7 +1117,9 @@ mod tests {
         third.as_mut().await;
         assert_eq!(runs.load(Ordering::Relaxed), 111);
         // A box handed back by the lanes carries the next job too.
+        let returned = std::ptr::from_ref(&*third).addr();
         let fourth = spare.fill(|| job(1000), || Some(third));
+        assert_eq!(std::ptr::from_ref(&*fourth).addr(), returned, "the returned box");
         assert_eq!(runs.load(Ordering::Relaxed), 111, "made, not run");
         fourth.await;
         assert_eq!(runs.load(Ordering::Relaxed), 1111);
