@@ -191,6 +191,37 @@ fn a_missing_nats_server_says_how_to_install_it() {
     assert_eq!(natsfn.wait_exit(), 2);
 }
 
+/// Under an address-space limit (`ulimit -v`, as some containers and
+/// valgrind impose) the instance pool cannot be reserved. The error says
+/// which limit, how much was asked for, and the largest `--max-instances`
+/// that fits; following that advice, the host starts.
+#[test]
+fn an_address_space_limit_says_which_max_instances_fits() {
+    let server = nats();
+    let dir = quickstart_like_dir();
+    let run_limited = |max_instances: &str| {
+        // 1 TiB, in KiB: a quarter of what the default 256 instances reserve.
+        let script = format!("ulimit -v {} && exec \"$0\" \"$@\"", 1u64 << 30);
+        let (handlers, url) = (dir.path().to_str().unwrap(), server.url());
+        let args = ["-c", &script, natsfn_bin(), "run", "--handlers", handlers, "--nats", &url];
+        Natsfn::spawn("sh", &[&args[..], &["--max-instances", max_instances]].concat(), &[])
+    };
+
+    let mut natsfn = run_limited("256");
+    let line = natsfn.wait_for(&["cannot reserve"]);
+    for needle in ["2590 GiB of virtual address space", "320 instance slots", "may map only 1024 GiB", "ulimit -v"] {
+        assert!(line.contains(needle), "{needle:?} missing from: {line}");
+    }
+    assert_eq!(natsfn.wait_exit(), 2);
+    let fits = line.split("lower max_instances to at most ").nth(1).and_then(|s| s.split(' ').next());
+    let fits = fits.unwrap_or_else(|| panic!("no max_instances advice in: {line}"));
+    assert!(line.contains("or raise the limit (max_instances is --max-instances or the host config's"), "{line}");
+    assert!(fits.parse::<u32>().unwrap() > 1, "{line}");
+
+    let mut natsfn = run_limited(fits);
+    natsfn.wait_for(&["natsfn: ready"]);
+}
+
 #[test]
 fn validate_lists_every_problem_by_file_and_fails() {
     let dir = quickstart_like_dir();

@@ -18,10 +18,13 @@
 //!   the filesystem and socket interfaces through std whether they use them
 //!   or not, so those are linked, but they reach nothing.
 
+mod address_space;
 mod cache;
 mod guest;
 mod stdio;
 
+use address_space::{Gib, MEMORIES_PER_COMPONENT, MEMORY_GUARD, MEMORY_RESERVATION};
+pub use address_space::{Limit, Shortfall};
 pub use cache::CacheOutcome;
 use cache::CodeCache;
 pub(crate) use guest::{Guest, GuestPre, HandleResult};
@@ -49,6 +52,27 @@ pub enum EngineError {
     /// unsupported platform).
     #[error("cannot configure the WebAssembly engine: {0:#}")]
     Config(wasmtime::Error),
+    /// The instance pool could not reserve its virtual address space. The
+    /// pool is sized from the host's instance ceiling, so the error says
+    /// which ceiling would fit.
+    #[error(
+        "cannot reserve {} of virtual address space for the instance pool ({slots} instance slots: \
+         max_instances {max_instances} plus {STANDBY_INSTANCES} standby, each with room for two 4 GiB \
+         memories, of which only what guests use becomes resident), and {shortfall} ({source:#})",
+        Gib(*reserve)
+    )]
+    AddressSpace {
+        /// Bytes the pool needs (an estimate: nearly all is the memories').
+        reserve: u64,
+        /// Instance slots in the pool.
+        slots: u32,
+        /// The host's instance ceiling the slots came from.
+        max_instances: u32,
+        /// What the reservation ran into, and what would fit.
+        shortfall: Shortfall,
+        /// wasmtime's error.
+        source: wasmtime::Error,
+    },
     /// The epoch ticker thread could not start; without it CPU limits would
     /// not be enforced, so the engine is not usable.
     #[error("cannot start the epoch ticker thread: {0}")]
@@ -217,8 +241,8 @@ impl Engine {
         pool.total_component_instances(slots)
             .total_core_instances(slots * per_component_core)
             .max_core_instances_per_component(per_component_core)
-            .total_memories(slots * 2)
-            .max_memories_per_component(2)
+            .total_memories(slots * MEMORIES_PER_COMPONENT)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
             .total_tables(slots * per_component_core)
             .max_tables_per_component(per_component_core)
             .total_stacks(slots)
@@ -243,8 +267,16 @@ impl Engine {
             .epoch_interruption(true)
             .memory_init_cow(true)
             .consume_fuel(fuel)
+            .memory_reservation(MEMORY_RESERVATION)
+            .memory_guard_size(MEMORY_GUARD)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let inner = wasmtime::Engine::new(&config).map_err(EngineError::Config)?;
+        let inner = wasmtime::Engine::new(&config).map_err(|source| {
+            let reserve = address_space::pool_bytes(slots);
+            match address_space::shortfall(slots, STANDBY_INSTANCES) {
+                Some(shortfall) => EngineError::AddressSpace { reserve, slots, max_instances, shortfall, source },
+                None => EngineError::Config(source),
+            }
+        })?;
 
         let mut linker = Linker::new(&inner);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(EngineError::Config)?;
