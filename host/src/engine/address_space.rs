@@ -5,12 +5,15 @@
 //! the engine is built: 4 GiB plus a guard page region per slot, so that
 //! compiled guests need no bounds checks on 32-bit memories. Almost none of
 //! it becomes resident, but it all counts against `RLIMIT_AS` (`ulimit -v`,
-//! some container runtimes, valgrind), and the memory pool is one mapping,
+//! some container runtimes), and the memory pool is one mapping,
 //! so it must fit in one free range of the process's address space (47 bits
 //! on x86-64 Linux, split by the program, the heap and the libraries).
 //! wasmtime's own error for either ("mmap failed to reserve 0x28502000000
 //! bytes") names neither the limit nor the setting that sizes the pool, so
 //! the engine reports [`Shortfall`] instead, with a max_instances that fits.
+//! (valgrind keeps its own, smaller address space and refuses the mapping
+//! with EINVAL; neither limit here explains that, so wasmtime's error is
+//! passed on as it is.)
 
 use std::fmt;
 
@@ -92,8 +95,8 @@ impl fmt::Display for Shortfall {
             Limit::Rlimit(bytes) => {
                 write!(
                     f,
-                    "this process may map only {} (its address-space limit, RLIMIT_AS, as set by `ulimit -v`, \
-                     a container runtime or valgrind)",
+                    "this process may map only {} (its address-space limit, RLIMIT_AS, as set by `ulimit -v` \
+                     or a container runtime)",
                     Gib(bytes)
                 )?;
                 " or raise the limit"
