@@ -91,6 +91,8 @@ pub enum Limit {
 
 impl fmt::Display for Shortfall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only an rlimit can be raised; a free range is what the process's
+        // own mappings leave.
         let raise = match self.limit {
             Limit::Rlimit(bytes) => {
                 write!(
@@ -112,16 +114,19 @@ impl fmt::Display for Shortfall {
                 ": lower max_instances to at most {n}{raise} (max_instances is --max-instances or the host \
                  config's `max_instances`; tenants' `max_instances` shares must fit in it too)"
             ),
+            None if matches!(self.limit, Limit::FreeRange(_)) => {
+                write!(f, ": even max_instances 1 needs {}", Gib(self.smallest_pool))
+            }
             None => write!(
                 f,
-                ": even max_instances 1 needs {}, so raise the limit well above that or lift it",
+                ": even max_instances 1 needs {}, so raise the limit well above that",
                 Gib(self.smallest_pool)
             ),
         }
     }
 }
 
-/// Bytes shown in GiB, rounded up, so a limit is never overstated as enough.
+/// Bytes shown in GiB, rounded up, so a reservation is never understated.
 pub(super) struct Gib(pub(super) u64);
 
 impl fmt::Display for Gib {
