@@ -191,8 +191,8 @@ fn a_missing_nats_server_says_how_to_install_it() {
     assert_eq!(natsfn.wait_exit(), 2);
 }
 
-/// Under an address-space limit (`ulimit -v`, as some containers and
-/// valgrind impose) the instance pool cannot be reserved. The error says
+/// Under an address-space limit (`ulimit -v`, as some container runtimes
+/// impose) the instance pool cannot be reserved. The error says
 /// which limit, how much was asked for, and the largest `--max-instances`
 /// that fits; following that advice, the host starts.
 #[test]

@@ -47,13 +47,12 @@ pub(super) fn pool_bytes(slots: u32) -> u64 {
     u64::from(slots) * (memories + OTHER_PER_SLOT)
 }
 
-/// What stopped a pool of `slots` instance slots (`standby` of them on top
-/// of max_instances) from being reserved, judged after it failed: the
+/// What stopped a pool of `reserve` bytes ([`pool_bytes`], with `standby`
+/// slots on top of max_instances) from being reserved, judged after it failed: the
 /// process's `RLIMIT_AS` when what is mapped already plus the pool exceeds
 /// it, else the address space when the pool is larger than its largest free
 /// range. `None` when neither explains the failure.
-pub(super) fn shortfall(slots: u32, standby: u32) -> Option<Shortfall> {
-    let reserve = pool_bytes(slots);
+pub(super) fn shortfall(reserve: u64, standby: u32) -> Option<Shortfall> {
     let mapped = Mapped::read();
     let (limit, room) = match rlimit_as() {
         Some(bytes) if mapped.total.saturating_add(reserve) > bytes => {
@@ -196,14 +195,14 @@ mod tests {
         // Only when RLIMIT_AS is unlimited, as it is for tests run normally;
         // with a limit the rlimit is (correctly) what gets blamed.
         if rlimit_as().is_none() {
-            let short = shortfall(20_064, 64).expect("160 TiB cannot be mapped");
+            let short = shortfall(pool_bytes(20_064), 64).expect("160 TiB cannot be mapped");
             let Limit::FreeRange(free) = short.limit else { panic!("{short:?}") };
             let fit = short.max_instances_that_fit.expect("some pool fits");
             assert!(pool_bytes(fit + 64) <= free && pool_bytes(fit + 65) > free, "{fit} in {free}");
             let text = short.to_string();
             assert!(text.contains(&format!("lower max_instances to at most {fit} (")), "{text}");
             assert!(!text.contains("raise the limit"), "{text}");
-            assert_eq!(shortfall(72, 64), None);
+            assert_eq!(shortfall(pool_bytes(72), 64), None);
         }
     }
 

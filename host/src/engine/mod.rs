@@ -57,9 +57,11 @@ pub enum EngineError {
     /// which ceiling would fit.
     #[error(
         "cannot reserve {} of virtual address space for the instance pool ({slots} instance slots: \
-         max_instances {max_instances} plus {STANDBY_INSTANCES} standby, each with room for two 4 GiB \
-         memories, of which only what guests use becomes resident), and {shortfall} ({source:#})",
-        Gib(*reserve)
+         max_instances {max_instances} plus {STANDBY_INSTANCES} standby, each with room for \
+         {MEMORIES_PER_COMPONENT} memories of {}, of which only what guests use becomes resident), and \
+         {shortfall} ({source:#})",
+        Gib(*reserve),
+        Gib(MEMORY_RESERVATION)
     )]
     AddressSpace {
         /// Bytes the pool needs (an estimate: nearly all is the memories').
@@ -272,7 +274,7 @@ impl Engine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let inner = wasmtime::Engine::new(&config).map_err(|source| {
             let reserve = address_space::pool_bytes(slots);
-            match address_space::shortfall(slots, STANDBY_INSTANCES) {
+            match address_space::shortfall(reserve, STANDBY_INSTANCES) {
                 Some(shortfall) => EngineError::AddressSpace { reserve, slots, max_instances, shortfall, source },
                 None => EngineError::Config(source),
             }
